@@ -1,0 +1,494 @@
+"""Webhook payloads, Standard Webhooks signing, secret storage, retry policy and the HTTP send.
+
+Nothing here touches the database: the delivery state machine (worker/webhook_delivery.py) and the outbox
+writer (worker/outbox.py) call these pure pieces, so each can be tested alone.
+
+Spec followed: https://www.standardwebhooks.com/ (headers ``webhook-id``, ``webhook-timestamp``,
+``webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">``; ``whsec_`` base64 secrets;
+several space-separated signatures while a secret is rotated).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import json
+import math
+import random
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Final
+
+import httpx
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "DEFAULT_RETRY_DELAYS_S",
+    "EVENT_TYPES",
+    "PAYLOAD_MAX_BYTES",
+    "CheckEventData",
+    "Outcome",
+    "RetryPolicy",
+    "SecretCipher",
+    "SecretError",
+    "SendResult",
+    "build_payload",
+    "classify_status",
+    "generate_secret",
+    "parse_retry_after",
+    "send_webhook",
+    "sign",
+    "signature_header",
+    "summarize_evidence",
+    "webhook_headers",
+]
+
+EVENT_FLAGGED: Final = "check.flagged"
+EVENT_COMPLETED: Final = "check.completed"
+EVENT_FAILED: Final = "check.failed"
+EVENT_REVIEWED: Final = "check.reviewed"
+EVENT_PING: Final = "ping"
+EVENT_TYPES: Final = (EVENT_FLAGGED, EVENT_COMPLETED, EVENT_FAILED, EVENT_REVIEWED, EVENT_PING)
+# What an endpoint gets when it is added without --events: the two events a moderation platform acts on.
+DEFAULT_ENDPOINT_EVENTS: Final = (EVENT_FLAGGED, EVENT_REVIEWED)
+
+PAYLOAD_MAX_BYTES: Final = 20_000
+SECRET_PREFIX: Final = "whsec_"  # noqa: S105 - the spec's prefix, not a secret
+# Standard Webhooks asks for 24..64 random bytes; 32 matches the HMAC-SHA256 block strength.
+SECRET_BYTES: Final = 32
+# The response body is read up to this many bytes (a hostile receiver cannot make us buffer megabytes),
+# and this much of it is kept on the attempt row for operators.
+RESPONSE_READ_LIMIT: Final = 16 * 1024
+RESPONSE_EXCERPT_CHARS: Final = 1024
+# Svix / Standard Webhooks schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
+# -> 8 attempts over ~28 h.
+DEFAULT_RETRY_DELAYS_S: Final[tuple[float, ...]] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+# A Retry-After larger than this is clamped: a receiver must not park a delivery for weeks.
+MAX_RETRY_AFTER_S: Final = 24 * 3600.0
+USER_AGENT: Final = "synthguard-webhooks/0.1 (+https://www.standardwebhooks.com/)"
+
+
+class SecretError(ValueError):
+    """A webhook secret that cannot be decoded or decrypted (wrong SYNTHGUARD_SECRET_KEY, corrupt row)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Secrets: generation, encryption at rest, signing
+# --------------------------------------------------------------------------------------------------------
+
+
+def generate_secret() -> str:
+    """Return a new ``whsec_<base64>`` signing secret (shown to the operator once, stored encrypted)."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii")
+
+
+def _secret_bytes(secret: str) -> bytes:
+    raw = secret.removeprefix(SECRET_PREFIX)
+    try:
+        decoded = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SecretError("webhook secret is not whsec_<base64>") from exc
+    if not decoded:
+        raise SecretError("webhook secret is empty")
+    return decoded
+
+
+class SecretCipher:
+    """Encrypts webhook secrets for storage, with a key derived from ``settings.secret_key``.
+
+    A database dump alone does not reveal the secrets; the deployment's secret key is needed too. HKDF gives
+    a key that is used for nothing else, so the same secret key can serve other purposes safely.
+    """
+
+    _INFO: Final = b"synthguard webhook signing secrets v1"
+
+    def __init__(self, secret_key: str) -> None:
+        if not secret_key:
+            raise SecretError("SYNTHGUARD_SECRET_KEY is empty: webhook secrets cannot be encrypted")
+        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=self._INFO).derive(
+            secret_key.encode("utf-8")
+        )
+        self._fernet = Fernet(base64.urlsafe_b64encode(derived))
+
+    def encrypt(self, secret: str) -> str:
+        _secret_bytes(secret)  # refuse to store something we could never sign with
+        return self._fernet.encrypt(secret.encode("ascii")).decode("ascii")
+
+    def decrypt(self, token: str) -> str:
+        try:
+            return self._fernet.decrypt(token.encode("ascii")).decode("ascii")
+        except InvalidToken as exc:
+            # Never include the token or the key in the message: this text ends up in attempt rows and logs.
+            raise SecretError(
+                "cannot decrypt a stored webhook secret: was SYNTHGUARD_SECRET_KEY changed?"
+            ) from exc
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """One ``v1,<base64>`` signature of ``message_id.timestamp.body`` (Standard Webhooks)."""
+    signed = message_id.encode("utf-8") + b"." + str(timestamp).encode("ascii") + b"." + body
+    digest = hmac.new(_secret_bytes(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def signature_header(secrets_: Sequence[str], message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value: one signature per active secret, space separated (rotation)."""
+    if not secrets_:
+        raise SecretError("no signing secret")
+    return " ".join(sign(secret, message_id, timestamp, body) for secret in secrets_)
+
+
+def webhook_headers(
+    secrets_: Sequence[str], message_id: str, body: bytes, *, timestamp: int | None = None
+) -> dict[str, str]:
+    """Headers for one attempt. The id stays the same across retries; the timestamp is the send time,
+    because receivers reject timestamps older than a few minutes."""
+    ts = int(time.time()) if timestamp is None else timestamp
+    return {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": message_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": signature_header(secrets_, message_id, ts, body),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Payloads
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckEventData:
+    """What a check event says, independent of the ORM rows it came from."""
+
+    check_id: str
+    external_id: str | None
+    client: str | None
+    status: str
+    verdict: str | None = None
+    score: float | None = None
+    model: str | None = None
+    decided_by: str | None = None
+    family_scores: Mapping[str, float] = field(default_factory=dict)
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    review: Mapping[str, Any] | None = None
+
+
+def _is_threshold_key(key: str) -> bool:
+    # Thresholds stay private: a receiver that learns them learns how to slip just under them.
+    lowered = key.lower()
+    return "threshold" in lowered or lowered in {"cutoff", "operating_point"}
+
+
+def _compact_scalar(value: Any) -> Any:
+    """A JSON scalar small enough for the summary, or None to leave the entry out."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value if len(value) <= 120 else value[:117] + "..."
+    return None
+
+
+def _summarize_group(group: Mapping[str, Any], max_entries: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for key, entry in group.items():
+        if len(summary) >= max_entries:
+            break
+        if not isinstance(key, str) or _is_threshold_key(key):
+            continue
+        # Evidence numbers come as {"value": x, "typical": [lo, hi]}; the value is the summary.
+        value = entry["value"] if isinstance(entry, Mapping) and "value" in entry else entry
+        compact = _compact_scalar(value)
+        if compact is not None or value is None:
+            summary[key] = compact
+    return summary
+
+
+def summarize_evidence(evidence: Mapping[str, Any], max_entries_per_group: int = 12) -> dict[str, Any]:
+    """Top-level scalar numbers of each evidence group.
+
+    Nested detail stays in the database; the receiver fetches it by check id.
+    """
+    summary: dict[str, Any] = {}
+    for group_name, group in evidence.items():
+        if not isinstance(group_name, str) or _is_threshold_key(group_name):
+            continue
+        if isinstance(group, Mapping):
+            compact = _summarize_group(group, max_entries_per_group)
+            if compact:
+                summary[group_name] = compact
+    return summary
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _encode(payload: Mapping[str, Any]) -> bytes:
+    # Compact separators and sorted keys: the signed bytes are stable and small.
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def build_payload(event_type: str, event: CheckEventData, *, occurred_at: datetime) -> bytes:
+    """The JSON body ``{"type", "timestamp", "data"}`` for a check event, at most PAYLOAD_MAX_BYTES.
+
+    No raw image, no image URL, no thresholds. The receiver fetches anything more by ``data.check_id``.
+    The evidence summary is shrunk, then dropped, if the body would exceed the limit.
+    """
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"unknown webhook event type {event_type!r}")
+    data: dict[str, Any] = {
+        "check_id": event.check_id,
+        "external_id": event.external_id,
+        "client": event.client,
+        "status": event.status,
+    }
+    if event.verdict is not None:
+        data["verdict"] = event.verdict
+        data["score"] = None if event.score is None else round(float(event.score), 4)
+        data["model"] = event.model
+        data["model_version"] = _model_version(event.model)
+        data["decided_by"] = event.decided_by
+        data["family_scores"] = {
+            name: round(float(value), 4)
+            for name, value in event.family_scores.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        }
+    if event.error is not None:
+        data["error"] = event.error[:500]
+    if event.review is not None:
+        data["review"] = {k: v for k, v in event.review.items() if not _is_threshold_key(str(k))}
+
+    payload: dict[str, Any] = {"type": event_type, "timestamp": _iso(occurred_at), "data": data}
+    for entries in (12, 6, 3):
+        if event.evidence:
+            data["evidence_summary"] = summarize_evidence(event.evidence, entries)
+        body = _encode(payload)
+        if len(body) <= PAYLOAD_MAX_BYTES:
+            return body
+    data.pop("evidence_summary", None)
+    data["evidence_summary_truncated"] = True
+    if "review" in data:
+        data["review"] = {"truncated": True}
+    body = _encode(payload)
+    if len(body) > PAYLOAD_MAX_BYTES:  # only possible with absurd ids; refuse rather than send a broken event
+        raise ValueError(f"webhook payload is {len(body)} bytes, over {PAYLOAD_MAX_BYTES}")
+    return body
+
+
+def build_ping_payload(*, endpoint_id: str, occurred_at: datetime) -> bytes:
+    return _encode({"type": EVENT_PING, "timestamp": _iso(occurred_at), "data": {"endpoint_id": endpoint_id}})
+
+
+def _model_version(model: str | None) -> str | None:
+    # "synthguard-v1@1.2.0+abcdef123456" -> "1.2.0+abcdef123456"
+    if not model or "@" not in model:
+        return None
+    return model.split("@", 1)[1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Retry policy
+# --------------------------------------------------------------------------------------------------------
+
+
+class Outcome(enum.StrEnum):
+    """What one attempt means for the delivery."""
+
+    SUCCEEDED = "succeeded"  # 2xx: done
+    RETRY = "retry"  # network error, timeout, 5xx, 429: try again later if attempts remain
+    FAILED = "failed"  # other 4xx, 3xx (redirects are not followed), refused address: give up now
+    GONE = "gone"  # 410: the receiver asked us to stop; the endpoint is disabled
+
+
+def classify_status(status_code: int) -> Outcome:
+    if 200 <= status_code < 300:
+        return Outcome.SUCCEEDED
+    if status_code == 410:
+        return Outcome.GONE
+    if status_code == 429 or status_code >= 500:
+        return Outcome.RETRY
+    return Outcome.FAILED
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent/invalid."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return min(float(text), MAX_RETRY_AFTER_S)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    reference = now or datetime.now(UTC)
+    return min(max(0.0, (when - reference).total_seconds()), MAX_RETRY_AFTER_S)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When attempt N+1 happens after attempt N failed.
+
+    ``delays_s[i]`` is the wait before attempt i+1 (the first is normally 0: send immediately), so the length
+    of the schedule is the number of attempts. Each wait is jittered by +-``jitter`` (a fraction) so that
+    deliveries failing together do not retry together.
+    """
+
+    delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.delays_s:
+            raise ValueError("a retry schedule needs at least one attempt")
+        if any(d < 0 for d in self.delays_s):
+            raise ValueError("retry delays must be >= 0")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.delays_s)
+
+    def delay_before(
+        self,
+        attempt_number: int,
+        *,
+        retry_after_s: float | None = None,
+        rand: Callable[[float, float], float] = random.uniform,
+    ) -> float | None:
+        """Seconds to wait before attempt ``attempt_number`` (1-based), or None when the schedule is spent.
+
+        A receiver's ``Retry-After`` is honoured when it asks for longer than the schedule would wait.
+        """
+        if attempt_number < 1:
+            raise ValueError("attempt numbers start at 1")
+        if attempt_number > self.max_attempts:
+            return None
+        base = self.delays_s[attempt_number - 1]
+        delay = base * rand(1 - self.jitter, 1 + self.jitter) if base > 0 else 0.0
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, MAX_RETRY_AFTER_S))
+        return delay
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sending
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """One HTTP attempt, as stored on the attempt row."""
+
+    outcome: Outcome
+    status_code: int | None
+    latency_ms: int
+    error: str | None = None
+    response_excerpt: str | None = None
+    retry_after_s: float | None = None
+
+
+def _read_capped(response: httpx.Response, limit: int, deadline: float) -> bytes:
+    if response.is_stream_consumed:  # already buffered (in-memory transports)
+        return response.content[:limit]
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        # The per-read timeout alone lets a receiver trickle bytes forever; the deadline bounds the read.
+        if size >= limit or time.monotonic() > deadline:
+            break
+    return b"".join(chunks)[:limit]
+
+
+def _excerpt(raw: bytes) -> str | None:
+    if not raw:
+        return None
+    return raw.decode("utf-8", errors="replace")[:RESPONSE_EXCERPT_CHARS]
+
+
+def _describe_exception(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def send_webhook(
+    client: httpx.Client,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout_s: float,
+    refused_errors: Iterable[type[BaseException]] = (),
+) -> SendResult:
+    """POST one signed body and classify what happened. Never raises for network trouble.
+
+    ``client`` must not follow redirects and must only connect to validated addresses (the caller builds it
+    with the netguard transport); exceptions of ``refused_errors`` raised by that transport mean the address
+    was refused, which is final rather than retried.
+    """
+    refused = tuple(refused_errors)
+    started = time.monotonic()
+    deadline = started + timeout_s
+    try:
+        with client.stream("POST", url, content=body, headers=dict(headers), timeout=timeout_s) as response:
+            raw = _read_capped(response, RESPONSE_READ_LIMIT, deadline)
+            status = response.status_code
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            location = response.headers.get("location")
+    except refused as exc:
+        return SendResult(Outcome.FAILED, None, _elapsed_ms(started), error=f"refused: {_refusal_text(exc)}")
+    except httpx.TimeoutException as exc:
+        error = f"timeout after {timeout_s:g} s ({type(exc).__name__})"
+        return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=error)
+    except httpx.HTTPError as exc:
+        return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=_describe_exception(exc))
+    except OSError as exc:  # DNS failures surfaced by a custom transport
+        return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=_describe_exception(exc))
+
+    outcome = classify_status(status)
+    error: str | None = None
+    if outcome is not Outcome.SUCCEEDED:
+        error = f"HTTP {status}"
+        if 300 <= status < 400:
+            error += f": redirect to {location!r} not followed" if location else ": redirect not followed"
+        elif outcome is Outcome.GONE:
+            error += ": receiver says the endpoint is gone"
+    return SendResult(
+        outcome,
+        status,
+        _elapsed_ms(started),
+        error=error,
+        response_excerpt=_excerpt(raw),
+        retry_after_s=retry_after if outcome is Outcome.RETRY else None,
+    )
+
+
+def _refusal_text(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else _describe_exception(exc)
+
+
+def _elapsed_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
