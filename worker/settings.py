@@ -1,0 +1,196 @@
+"""Runtime settings, read from ``SYNTHGUARD_*`` environment variables and validated at start.
+
+Built inside factories (``create_celery_app(settings)``, the CLI), never at import, so tests build their own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import cached_property
+from typing import Any, Final
+
+from pydantic import Field, NonNegativeFloat, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+ENV_PREFIX: Final = "SYNTHGUARD_"
+MIB: Final = 1024 * 1024
+
+_DATABASE_BACKENDS: Final = ("sqlite", "postgresql")
+_BROKER_SCHEMES: Final = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
+_DEVICE_PATTERN: Final = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# Placeholder values are refused: they would "encrypt" webhook secrets with a publicly known key.
+_PLACEHOLDER_SECRETS: Final = frozenset(
+    {"changeme", "change-me", "changethis", "secret", "password", "synthguard"}
+)
+SECRET_KEY_MIN_LEN: Final = 16
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(Exception):
+    """Settings are missing or invalid; the message is one line meant for the operator."""
+
+
+class Settings(BaseSettings):
+    """Every tunable of synthguard. Environment variable = ``SYNTHGUARD_`` + field name in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: str = "sqlite:///./synthguard.db"
+    broker_url: str = "redis://localhost:6379/0"
+    # Hosts or CIDRs the URL fetcher and the webhook sender may reach although they are private/loopback.
+    allow_private_hosts: str = ""
+    # Encrypts webhook secrets at rest; required by the commands and tasks that touch webhook secrets.
+    secret_key: SecretStr | None = None
+
+    model_name: str = "synthguard-v1"
+    device: str = "auto"
+    store_raw_images: bool = False
+
+    fetch_max_bytes: int = Field(default=20 * MIB, gt=0)
+    fetch_timeout_s: float = Field(default=20.0, gt=0)
+    fetch_max_redirects: int = Field(default=3, ge=0)
+    max_pixels: int = Field(default=40_000_000, gt=0)
+    max_frames: int = Field(default=1, ge=1)
+    max_inline_bytes: int = Field(default=20 * MIB, gt=0)
+    decode_timeout_s: float = Field(default=20.0, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    # A check whose processing was started this many times without finishing is failed (dead-lettered).
+    max_attempts: int = Field(default=5, ge=1)
+    reconcile_after_s: float = Field(default=120.0, gt=0)
+    webhook_timeout_s: float = Field(default=15.0, gt=0)
+    # Webhook delivery (worker/webhook_delivery.py). Wait before attempt 1, 2, ...: the Standard Webhooks/Svix
+    # schedule (8 attempts over ~28 h), jittered by +-webhook_retry_jitter. JSON list in the environment.
+    webhook_retry_delays_s: tuple[NonNegativeFloat, ...] = Field(
+        default=(0, 5, 300, 1800, 7200, 18000, 36000, 36000), min_length=1
+    )
+    webhook_retry_jitter: float = Field(default=0.2, ge=0, lt=1)
+    # An endpoint whose attempts have all failed for this long is disabled (Svix: 5 days).
+    webhook_disable_after_s: float = Field(default=5 * 86400.0, gt=0)
+    # After rotate-secret the old secret keeps signing beside the new one this long.
+    webhook_secret_overlap_s: float = Field(default=86400.0, ge=0)
+    # The sweep re-enqueues pending deliveries due for longer than the grace (their task was lost).
+    webhook_sweep_interval_s: float = Field(default=30.0, gt=0)
+    webhook_sweep_grace_s: float = Field(default=60.0, ge=0)
+    # Retries due sooner than this ride a broker countdown; later ones wait for the sweep (a Redis ETA task
+    # older than the visibility timeout would be redelivered twice).
+    webhook_eta_max_s: float = Field(default=600.0, ge=0)
+
+    # Transient fetch errors (timeouts, 5xx) are retried by the task this many times with exponential backoff.
+    fetch_retries: int = Field(default=3, ge=0)
+    retry_backoff_max_s: int = Field(default=300, ge=1)
+    # Celery worker tuning.
+    worker_concurrency: int = Field(default=1, ge=1)
+    worker_max_tasks_per_child: int = Field(default=200, ge=1)
+    # A message not acknowledged within this time is redelivered by Redis; longer than the slowest task.
+    broker_visibility_timeout_s: int = Field(default=900, ge=1)
+    queue_name: str = "synthguard"
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL (expected sqlite:///path or postgresql+psycopg://...)"
+            ) from None
+        if url.drivername in ("postgres", "postgresql"):
+            # A bare postgresql:// means psycopg2 to SQLAlchemy 2.0; this project ships psycopg 3.
+            return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        if url.get_backend_name() not in _DATABASE_BACKENDS:
+            raise ValueError(f"unsupported database {url.get_backend_name()!r} (use sqlite or postgresql)")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in _BROKER_SCHEMES or not rest:
+            raise ValueError("not a broker URL (expected redis://host:port/db)")
+        return value
+
+    @field_validator("allow_private_hosts")
+    @classmethod
+    def _check_allow_private_hosts(cls, value: str) -> str:
+        for entry in _split_hosts(value):
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not a valid CIDR") from None
+            elif not re.fullmatch(r"[A-Za-z0-9.:\-\[\]_]+", entry):
+                raise ValueError(f"{entry!r} is not a host name or IP address")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        secret = value.get_secret_value()
+        if secret.lower() in _PLACEHOLDER_SECRETS:
+            raise ValueError("is a placeholder value; generate one with `openssl rand -hex 32`")
+        if len(secret) < SECRET_KEY_MIN_LEN:
+            raise ValueError(f"is shorter than {SECRET_KEY_MIN_LEN} characters")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @cached_property
+    def private_host_names(self) -> frozenset[str]:
+        """Host names (lower case) and literal addresses allowed although private."""
+        return frozenset(
+            entry.lower().strip("[]") for entry in _split_hosts(self.allow_private_hosts) if "/" not in entry
+        )
+
+    @cached_property
+    def private_networks(self) -> tuple[Network, ...]:
+        """Networks allowed although private (from CIDR entries; single IP entries become /32 or /128)."""
+        networks: list[Network] = []
+        for entry in _split_hosts(self.allow_private_hosts):
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                continue  # a host name, matched by name instead
+        return tuple(networks)
+
+    def require_secret_key(self) -> str:
+        """The secret key, or a SettingsError saying how to set it."""
+        if self.secret_key is None:
+            raise SettingsError(
+                f"{ENV_PREFIX}SECRET_KEY is not set; it encrypts webhook secrets "
+                "(generate one with `openssl rand -hex 32`)"
+            )
+        return self.secret_key.get_secret_value()
+
+
+def _split_hosts(value: str) -> list[str]:
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment plus ``overrides``; invalid values raise one-line SettingsError.
+
+    The message names the variable and the problem but never echoes the value (URLs carry passwords).
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "load_settings"]
