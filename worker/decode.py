@@ -24,6 +24,7 @@ Overhead per image is one pipe round trip (the encoded bytes out, the pixels bac
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -50,6 +51,7 @@ _MEMORY_FLOOR: Final = 256 << 20
 # A fresh child now and then keeps fragmentation left by odd files from accumulating.
 _DECODES_PER_CHILD: Final = 1000
 _START_TIMEOUT_S: Final = 30.0
+_PIPE_BYTES: Final = 1 << 20
 
 
 def _available_formats() -> tuple[str, ...]:
@@ -141,6 +143,9 @@ class Decoder:
         )
         self._decodes = 0
         assert process.stdout is not None  # noqa: S101 - Popen with PIPE
+        assert process.stdin is not None  # noqa: S101
+        _widen_pipe(process.stdin.fileno())
+        _widen_pipe(process.stdout.fileno())
         try:
             ready, _ = _read_reply(process.stdout.fileno(), time.monotonic() + _START_TIMEOUT_S)
         except (_ChildTimeoutError, _ChildDiedError):
@@ -239,6 +244,12 @@ class Decoder:
         except (BrokenPipeError, OSError):
             raise _ChildDiedError from None
         return _read_reply(process.stdout.fileno(), until)
+
+
+def _widen_pipe(fd: int) -> None:
+    # Pixels cross the pipe: 1 MiB buffers instead of 64 KiB cut the context switches per image by 16x.
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 class _ChildTimeoutError(Exception):
