@@ -32,6 +32,7 @@ import contextlib
 import contextvars
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 import typing
@@ -459,7 +460,7 @@ class GuardedTransport(httpx.HTTPTransport):
         allow: HostAllowlist | None = None,
         *,
         resolver: Resolver | None = None,
-        verify: bool | str = True,
+        verify: ssl.SSLContext | bool = True,
         limits: httpx.Limits | None = None,
     ) -> None:
         super().__init__(verify=verify, trust_env=False, limits=limits or httpx.Limits(max_connections=10))
@@ -490,7 +491,7 @@ def make_guarded_client(
     timeout: float = 20.0,
     *,
     resolver: Resolver | None = None,
-    verify: bool | str = True,
+    verify: ssl.SSLContext | bool = True,
     headers: dict[str, str] | None = None,
 ) -> httpx.Client:
     """An ``httpx.Client`` whose every request passes ``check_url`` and dials only validated addresses.
