@@ -31,6 +31,8 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from worker import netguard
+
 __all__ = [
     "DEFAULT_RETRY_DELAYS_S",
     "EVENT_TYPES",
@@ -44,6 +46,7 @@ __all__ = [
     "build_payload",
     "classify_status",
     "generate_secret",
+    "make_webhook_client",
     "parse_retry_after",
     "send_webhook",
     "sign",
@@ -433,6 +436,16 @@ def _describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def make_webhook_client(allow_private_hosts: str, timeout_s: float) -> httpx.Client:
+    """The sender's HTTP client: connects only to addresses netguard validated (after DNS resolution),
+    never follows redirects, ignores proxy variables. ``allow_private_hosts`` is the settings' allowlist."""
+    return netguard.make_guarded_client(
+        netguard.HostAllowlist.parse(allow_private_hosts),
+        timeout=timeout_s,
+        headers={"user-agent": USER_AGENT},
+    )
+
+
 def send_webhook(
     client: httpx.Client,
     url: str,
@@ -440,28 +453,37 @@ def send_webhook(
     headers: Mapping[str, str],
     *,
     timeout_s: float,
-    refused_errors: Iterable[type[BaseException]] = (),
+    refused_errors: Iterable[type[BaseException]] = (netguard.ForbiddenTargetError,),
 ) -> SendResult:
     """POST one signed body and classify what happened. Never raises for network trouble.
 
-    ``client`` must not follow redirects and must only connect to validated addresses (the caller builds it
-    with the netguard transport); exceptions of ``refused_errors`` raised by that transport mean the address
-    was refused, which is final rather than retried.
+    ``client`` must not follow redirects and must only connect to validated addresses
+    (``make_webhook_client``); exceptions of ``refused_errors`` raised by its transport mean the address
+    was refused, which is final rather than retried. ``timeout_s`` bounds the whole exchange, not each
+    socket read.
     """
     refused = tuple(refused_errors)
     started = time.monotonic()
     deadline = started + timeout_s
     try:
-        with client.stream("POST", url, content=body, headers=dict(headers), timeout=timeout_s) as response:
+        with (
+            netguard.deadline(timeout_s),
+            client.stream("POST", url, content=body, headers=dict(headers), timeout=timeout_s) as response,
+        ):
             raw = _read_capped(response, RESPONSE_READ_LIMIT, deadline)
             status = response.status_code
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             location = response.headers.get("location")
     except refused as exc:
-        return SendResult(Outcome.FAILED, None, _elapsed_ms(started), error=f"refused: {_refusal_text(exc)}")
+        reason = _refusal_text(exc)
+        # netguard reports a failed DNS lookup with the same exception as a forbidden address; a lookup
+        # failure is a network error like any other and is retried, a forbidden address is final.
+        if reason.startswith("could not resolve"):
+            return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=reason)
+        return SendResult(Outcome.FAILED, None, _elapsed_ms(started), error=f"refused: {reason}")
     except httpx.TimeoutException as exc:
-        error = f"timeout after {timeout_s:g} s ({type(exc).__name__})"
-        return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=error)
+        timeout_error = f"timeout after {timeout_s:g} s ({type(exc).__name__})"
+        return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=timeout_error)
     except httpx.HTTPError as exc:
         return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=_describe_exception(exc))
     except OSError as exc:  # DNS failures surfaced by a custom transport

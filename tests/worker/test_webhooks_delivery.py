@@ -1,0 +1,331 @@
+"""Webhook delivery against a real receiver on 127.0.0.1 and real PostgreSQL (state machine called directly).
+
+The Celery task and the sweep are exercised in test_webhooks_tasks.py with a real worker.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from db.base import utcnow
+from db.session import session_scope
+from db.tables import Client
+from db.webhook_tables import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from tests.worker.webhook_helpers import (
+    Script,
+    add_checked_image,
+    drive,
+    fast_settings,
+    load_delivery,
+    run_receiver,
+)
+from worker import outbox
+from worker.webhook_delivery import redeliver
+from worker.webhook_endpoints import (
+    create_endpoint,
+    reveal_client_secret,
+    rotate_endpoint_secret,
+)
+from worker.webhooks import SecretCipher, generate_secret
+
+pytestmark = pytest.mark.usefixtures("pg_clean")
+
+
+@pytest.fixture
+def receiver():
+    yield from run_receiver()
+
+
+@pytest.fixture
+def fast(settings):
+    return fast_settings(settings)
+
+
+def _endpoint(factory, settings, url, *, client="acme", events=None):
+    with session_scope(factory) as session:
+        endpoint, secret = create_endpoint(
+            session, SecretCipher(settings.require_secret_key()), url=url, client=client, events=events
+        )
+        return endpoint.id, secret
+
+
+def _flag(factory, **kwargs):
+    with session_scope(factory) as session:
+        check, verdict = add_checked_image(session, **kwargs)
+        return check.id, outbox.record_check_events(session, check, verdict)
+
+
+def test_flagged_check_gives_one_delivery_that_standardwebhooks_verifies(pg_session_factory, fast, receiver):
+    script = Script((204, {}))
+    receiver.expect_request("/hook", method="POST").respond_with_handler(script)
+    endpoint_id, secret = _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+
+    check_id, ids = _flag(pg_session_factory)
+    assert len(ids) == 1
+    steps = drive(pg_session_factory, ids[0], fast)
+    assert [s.status for s in steps] == ["succeeded"]
+
+    assert len(script.requests) == 1
+    headers, body = script.requests[0]
+    payload = Webhook(secret).verify(body, headers)
+    assert payload["type"] == "check.flagged"
+    assert payload["data"]["check_id"] == str(check_id)
+    assert payload["data"]["verdict"] == "generated"
+    assert payload["data"]["evidence_summary"] == {"grid": {"period8_peak": 4.5}}
+    assert "threshold" not in body.decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(generate_secret()).verify(body, headers)
+
+    delivery = load_delivery(pg_session_factory, ids[0])
+    assert delivery.status == "succeeded" and delivery.endpoint_id == endpoint_id
+    assert [(a.outcome, a.status_code) for a in delivery.attempts] == [("succeeded", 204)]
+    assert delivery.attempts[0].latency_ms >= 0
+    assert headers["webhook-id"] == delivery.message_id
+
+
+def test_real_verdict_sends_nothing_and_uncertain_follows_client_policy(pg_session_factory, fast, receiver):
+    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"), client="acme")
+    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"), client="strict")
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session, verdict="real", score=0.1)
+        assert outbox.record_check_events(session, check, verdict) == []
+        check, verdict = add_checked_image(session, verdict="uncertain", score=0.6)
+        assert outbox.record_check_events(session, check, verdict) == []
+        session.get_one(Client, "strict").flag_uncertain = True
+        check, verdict = add_checked_image(session, client="strict", verdict="uncertain")
+        assert len(outbox.record_check_events(session, check, verdict)) == 1
+
+
+def test_completed_and_failed_only_for_subscribed_endpoints(pg_session_factory, fast, receiver):
+    url = receiver.url_for("/hook")
+    _endpoint(pg_session_factory, fast, url, events=["check.flagged"])
+    all_id, _ = _endpoint(pg_session_factory, fast, url, events=["check.completed", "check.failed"])
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session, verdict="real", score=0.05)
+        ids = outbox.record_check_events(session, check, verdict)
+        rows = session.scalars(sa.select(WebhookDelivery).where(WebhookDelivery.id.in_(ids))).all()
+        assert [(r.event_type, r.endpoint_id) for r in rows] == [("check.completed", all_id)]
+
+        check.status, check.error = "failed", "fetch refused: 10.0.0.1 is a private address"
+        ids = outbox.record_check_failed(session, check)
+        row = session.get_one(WebhookDelivery, ids[0])
+        assert len(ids) == 1 and row.event_type == "check.failed" and row.endpoint_id == all_id
+        assert json.loads(row.payload)["data"]["error"].startswith("fetch refused")
+
+
+def test_recording_the_same_event_twice_queues_it_once(pg_session_factory, fast, receiver):
+    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session, callback_url=receiver.url_for("/cb"))
+        first = outbox.record_check_events(session, check, verdict)
+        again = outbox.record_check_events(session, check, verdict)
+    assert len(first) == 2  # the endpoint and the callback URL
+    assert again == []
+
+
+def test_receiver_failing_twice_then_succeeding_gets_three_attempts(pg_session_factory, fast, receiver):
+    script = Script((503, {}), (500, {}), (200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    _, ids = _flag(pg_session_factory)
+
+    steps = drive(pg_session_factory, ids[0], fast)
+    assert [s.status for s in steps] == ["pending", "pending", "succeeded"]
+    delivery = load_delivery(pg_session_factory, ids[0])
+    assert [(a.attempt_number, a.outcome, a.status_code) for a in delivery.attempts] == [
+        (1, "retry", 503),
+        (2, "retry", 500),
+        (3, "succeeded", 200),
+    ]
+    assert sum(a.outcome == "succeeded" for a in delivery.attempts) == 1
+    assert delivery.attempts[0].error == "HTTP 503" and delivery.attempts[0].response_excerpt == "nope"
+    # The receiver's idempotency key does not change across retries.
+    assert len(script.requests) == 3
+    assert len({headers["webhook-id"] for headers, _ in script.requests}) == 1
+    with session_scope(pg_session_factory) as session:
+        endpoint = session.scalars(sa.select(WebhookEndpoint)).one()
+        assert endpoint.failing_since is None and endpoint.enabled
+
+
+def test_retry_after_is_honoured(pg_session_factory, fast, receiver):
+    receiver.expect_request("/hook").respond_with_handler(Script((429, {"Retry-After": "1"}), (200, {})))
+    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    _, ids = _flag(pg_session_factory)
+    steps = drive(pg_session_factory, ids[0], fast)
+    assert steps[0].status == "pending" and steps[0].retry_in_s == 1.0  # not the schedule's 0.05 s
+    assert steps[-1].status == "succeeded"
+
+
+def test_schedule_exhausted_ends_failed(pg_session_factory, settings, receiver):
+    receiver.expect_request("/hook").respond_with_data("down", status=502)
+    _endpoint(pg_session_factory, settings, receiver.url_for("/hook"))
+    _, ids = _flag(pg_session_factory)
+    fast3 = fast_settings(settings, webhook_retry_delays_s=(0.0, 0.01, 0.01))
+    steps = drive(pg_session_factory, ids[0], fast3)
+    assert [s.status for s in steps] == ["pending", "pending", "failed"]
+    delivery = load_delivery(pg_session_factory, ids[0])
+    assert delivery.status == "failed" and "gave up after 3 attempts" in (delivery.last_error or "")
+    assert len(delivery.attempts) == 3
+
+
+def test_410_disables_the_endpoint(pg_session_factory, fast, receiver):
+    receiver.expect_request("/hook").respond_with_data("gone", status=410)
+    endpoint_id, _ = _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    _, ids = _flag(pg_session_factory)
+    steps = drive(pg_session_factory, ids[0], fast)
+    assert [s.status for s in steps] == ["failed"]
+    with session_scope(pg_session_factory) as session:
+        endpoint = session.get_one(WebhookEndpoint, endpoint_id)
+        assert not endpoint.enabled
+        assert "410" in (endpoint.disabled_reason or "")
+        # A disabled endpoint gets no new deliveries, and its delivery cannot be replayed until re-enabled.
+        check, verdict = add_checked_image(session)
+        assert outbox.record_check_events(session, check, verdict) == []
+        with pytest.raises(ValueError, match="disabled"):
+            redeliver(session, ids[0], now=utcnow())
+
+
+def test_other_4xx_fails_without_retry(pg_session_factory, fast, receiver):
+    receiver.expect_request("/hook").respond_with_data("bad", status=400)
+    endpoint_id, _ = _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    _, ids = _flag(pg_session_factory)
+    assert [s.status for s in drive(pg_session_factory, ids[0], fast)] == ["failed"]
+    with session_scope(pg_session_factory) as session:
+        assert session.get_one(WebhookEndpoint, endpoint_id).enabled
+
+
+def test_hanging_receiver_times_out_and_is_retried(pg_session_factory, settings, receiver):
+    short = fast_settings(settings, webhook_timeout_s=0.5)
+    script = Script((200, {}, 3.0), (200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    _endpoint(pg_session_factory, short, receiver.url_for("/hook"))
+    _, ids = _flag(pg_session_factory)
+
+    steps = drive(pg_session_factory, ids[0], short)
+    assert [s.status for s in steps] == ["pending", "succeeded"]
+    delivery = load_delivery(pg_session_factory, ids[0])
+    first, second = delivery.attempts
+    assert first.outcome == "retry" and first.status_code is None
+    assert "timeout after 0.5 s" in (first.error or "")
+    assert first.latency_ms < 3000  # gave up before the receiver answered
+    assert second.outcome == "succeeded"
+
+
+def test_endpoint_failing_for_days_is_disabled_with_a_reason(pg_session_factory, fast, receiver):
+    receiver.expect_request("/hook").respond_with_data("down", status=503)
+    endpoint_id, _ = _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        session.get_one(WebhookEndpoint, endpoint_id).failing_since = utcnow() - timedelta(days=6)
+    _, ids = _flag(pg_session_factory)
+    steps = drive(pg_session_factory, ids[0], fast)
+    assert [s.status for s in steps] == ["failed"]
+    with session_scope(pg_session_factory) as session:
+        endpoint = session.get_one(WebhookEndpoint, endpoint_id)
+        assert not endpoint.enabled
+        assert "every attempt failed since" in (endpoint.disabled_reason or "")
+        assert "HTTP 503" in (endpoint.disabled_reason or "")
+
+
+def test_rotation_signs_with_old_and_new_secret(pg_session_factory, fast, receiver):
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    endpoint_id, old_secret = _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        _, new_secret = rotate_endpoint_secret(
+            session, SecretCipher(fast.require_secret_key()), endpoint_id, overlap_s=3600
+        )
+    assert new_secret != old_secret
+    _, ids = _flag(pg_session_factory)
+    drive(pg_session_factory, ids[0], fast)
+
+    headers, body = script.requests[0]
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    Webhook(old_secret).verify(body, headers)
+    Webhook(new_secret).verify(body, headers)
+
+    # Once the overlap has passed only the new secret signs.
+    with session_scope(pg_session_factory) as session:
+        session.get_one(WebhookEndpoint, endpoint_id).previous_secret_expires_at = utcnow() - timedelta(
+            seconds=1
+        )
+    _, ids = _flag(pg_session_factory)
+    drive(pg_session_factory, ids[0], fast)
+    headers, body = script.requests[1]
+    Webhook(new_secret).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old_secret).verify(body, headers)
+
+
+def test_callback_url_is_signed_with_the_client_secret(pg_session_factory, fast, receiver):
+    script = Script((200, {}))
+    receiver.expect_request("/cb").respond_with_handler(script)
+    _, ids = _flag(pg_session_factory, callback_url=receiver.url_for("/cb"))
+    assert len(ids) == 1
+    drive(pg_session_factory, ids[0], fast)
+    with session_scope(pg_session_factory) as session:
+        secret = reveal_client_secret(session, SecretCipher(fast.require_secret_key()), "acme")
+    headers, body = script.requests[0]
+    assert Webhook(secret).verify(body, headers)["type"] == "check.flagged"
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"), [("127.0.0.1", "loopback"), ("169.254.169.254", "cloud metadata endpoint")]
+)
+def test_callback_to_private_address_is_refused_without_allowlist(
+    pg_session_factory, settings, receiver, host, reason
+):
+    script = Script((200, {}))
+    receiver.expect_request("/cb").respond_with_handler(script)
+    url = receiver.url_for("/cb").replace("127.0.0.1", host)
+    locked = fast_settings(settings, allow_private_hosts="")
+    _, ids = _flag(pg_session_factory, callback_url=url)
+
+    steps = drive(pg_session_factory, ids[0], locked)
+    assert [s.status for s in steps] == ["failed"]
+    assert script.requests == []
+    with session_scope(pg_session_factory) as session:
+        attempt = session.scalars(sa.select(WebhookAttempt).where(WebhookAttempt.delivery_id == ids[0])).one()
+        assert attempt.outcome == "failed" and attempt.status_code is None
+        assert attempt.error is not None and attempt.error.startswith("refused:")
+        assert reason in attempt.error and host in attempt.error
+
+
+def test_redeliver_sends_the_same_event_again(pg_session_factory, fast, receiver):
+    script = Script((400, {}), (200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    _, ids = _flag(pg_session_factory)
+    assert drive(pg_session_factory, ids[0], fast)[-1].status == "failed"
+    with session_scope(pg_session_factory) as session:
+        redeliver(session, ids[0], now=utcnow())
+    assert drive(pg_session_factory, ids[0], fast)[-1].status == "succeeded"
+    (h1, b1), (h2, b2) = script.requests
+    assert h1["webhook-id"] == h2["webhook-id"] and b1 == b2
+    assert [a.attempt_number for a in load_delivery(pg_session_factory, ids[0]).attempts] == [1, 2]
+
+
+def test_flag_rule_agrees_with_db_queries(pg_session_factory):
+    from db import queries
+
+    with session_scope(pg_session_factory) as session:
+        for verdict in ("generated", "uncertain", "real"):
+            for flag_uncertain in (False, True):
+                for threshold in (None, 0.5, 0.9):
+                    name = f"c-{verdict}-{flag_uncertain}-{threshold}"
+                    check, row = add_checked_image(
+                        session,
+                        client=name,
+                        verdict=verdict,
+                        score=0.6,
+                        flag_uncertain=flag_uncertain,
+                        flag_threshold=threshold,
+                    )
+                    client = session.get(Client, name)
+                    assert outbox.is_flagged(row.verdict, row.score, client) == queries.is_flagged(
+                        check, row, client
+                    )
