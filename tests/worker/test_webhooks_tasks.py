@@ -1,0 +1,128 @@
+"""The webhook tasks on a real Celery worker (Redis) against real PostgreSQL and a receiver on 127.0.0.1.
+
+The worker here is the production app built from test settings with a tiny retry schedule and a fast sweep;
+it uses the threads pool, so no detector is loaded (these tasks never detect anything).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from db.session import session_scope
+from db.webhook_tables import WebhookDelivery
+from tests.worker.webhook_helpers import Script, add_checked_image, fast_settings, run_receiver
+from worker import outbox
+from worker.webhook_endpoints import create_endpoint
+from worker.webhooks import SecretCipher
+
+pytestmark = pytest.mark.usefixtures("pg_clean")
+
+WAIT_S = 60.0
+
+
+@pytest.fixture
+def receiver():
+    yield from run_receiver()
+
+
+@pytest.fixture(scope="module")
+def webhook_settings(settings):
+    return fast_settings(
+        settings,
+        queue_name=f"synthguard-test-webhooks-{uuid.uuid4().hex[:8]}",
+        webhook_sweep_interval_s=0.3,
+        webhook_sweep_grace_s=0.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def webhook_app(webhook_settings):
+    from worker.app import create_celery_app
+
+    return create_celery_app(webhook_settings)
+
+
+@pytest.fixture(scope="module")
+def webhook_worker(webhook_app):
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        webhook_app,
+        pool="threads",
+        concurrency=2,
+        perform_ping_check=False,
+        queues=[webhook_app.conf.task_default_queue],
+        loglevel="WARNING",
+        shutdown_timeout=10.0,
+    ) as worker:
+        yield worker
+
+
+def _wait_final(factory, delivery_id) -> WebhookDelivery:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        with session_scope(factory) as session:
+            delivery = session.get_one(WebhookDelivery, delivery_id)
+            if delivery.status != "pending":
+                _ = list(delivery.attempts)
+                return delivery
+        time.sleep(0.1)
+    raise AssertionError(f"delivery {delivery_id} still pending after {WAIT_S} s")
+
+
+def _flagged_delivery(factory, settings, url) -> tuple[uuid.UUID, str]:
+    """Commit an outbox row for a flagged check and enqueue nothing, as if the worker died after commit."""
+    with session_scope(factory) as session:
+        _, secret = create_endpoint(
+            session, SecretCipher(settings.require_secret_key()), url=url, client="acme"
+        )
+        check, verdict = add_checked_image(session)
+        (delivery_id,) = outbox.record_check_events(session, check, verdict)
+    return delivery_id, secret
+
+
+def test_committed_but_never_enqueued_delivery_is_sent_by_the_sweep(
+    pg_session_factory, webhook_settings, webhook_worker, receiver
+):
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    delivery_id, secret = _flagged_delivery(pg_session_factory, webhook_settings, receiver.url_for("/hook"))
+
+    delivery = _wait_final(pg_session_factory, delivery_id)
+    assert delivery.status == "succeeded"
+    assert [a.outcome for a in delivery.attempts] == ["succeeded"]
+    headers, body = script.requests[0]
+    assert Webhook(secret).verify(body, headers)["type"] == "check.flagged"
+
+
+def test_task_retries_until_the_receiver_recovers(
+    pg_session_factory, webhook_settings, webhook_app, webhook_worker, receiver
+):
+    script = Script((503, {}), (502, {}), (200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    delivery_id, _ = _flagged_delivery(pg_session_factory, webhook_settings, receiver.url_for("/hook"))
+    webhook_app.send_task("synthguard.deliver_webhook", kwargs={"delivery_id": str(delivery_id)})
+
+    delivery = _wait_final(pg_session_factory, delivery_id)
+    assert delivery.status == "succeeded"
+    assert [(a.outcome, a.status_code) for a in delivery.attempts] == [
+        ("retry", 503),
+        ("retry", 502),
+        ("succeeded", 200),
+    ]
+    assert len(script.requests) == 3
+
+
+def test_invalid_delivery_id_is_dropped_and_the_worker_carries_on(
+    pg_session_factory, webhook_settings, webhook_app, webhook_worker, receiver
+):
+    receiver.expect_request("/hook").respond_with_data("ok")
+    webhook_app.send_task("synthguard.deliver_webhook", kwargs={"delivery_id": "not-a-uuid"})
+    webhook_app.send_task("synthguard.deliver_webhook", kwargs={"delivery_id": str(uuid.uuid4())})
+    delivery_id, _ = _flagged_delivery(pg_session_factory, webhook_settings, receiver.url_for("/hook"))
+    webhook_app.send_task("synthguard.deliver_webhook", kwargs={"delivery_id": str(delivery_id)})
+    assert _wait_final(pg_session_factory, delivery_id).status == "succeeded"

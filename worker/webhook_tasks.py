@@ -1,0 +1,154 @@
+"""Celery tasks for webhooks: deliver one outbox row, and the sweep that re-enqueues lost ones.
+
+``synthguard.deliver_webhook(delivery_id)`` is a thin wrapper around ``webhook_delivery.deliver_once``: it
+makes one attempt and, when a retry is due soon (``webhook_eta_max_s``), schedules itself with a countdown.
+Retries further out are left to the sweep, because a Redis ETA message older than the broker's visibility
+timeout would be delivered twice.
+
+``synthguard.sweep_webhooks`` finds pending deliveries overdue by more than ``webhook_sweep_grace_s`` (their
+task was lost: worker killed between commit and send, broker down at enqueue time, a long retry delay) and
+enqueues them again. Every synthguard worker runs it by itself: a bootstep sends the sweep task every
+``webhook_sweep_interval_s`` seconds, so no separate ``celery beat`` process is needed. Several workers
+sweeping at once is harmless: rows are taken with SKIP LOCKED and a delivery is claimed by one worker only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+import weakref
+from typing import Any, Final
+
+import httpx
+import kombu.exceptions
+import redis.exceptions
+from celery import Celery, Task, bootsteps, shared_task
+from celery.signals import worker_init
+
+from db.base import utcnow
+from db.session import session_scope
+from worker.app import runtime_for
+from worker.settings import Settings
+from worker.webhook_delivery import DeliveryConfig, deliver_once, due_delivery_ids
+from worker.webhooks import SecretCipher, make_webhook_client
+
+__all__ = ["DELIVER_WEBHOOK_TASK", "SWEEP_WEBHOOKS_TASK", "deliver_webhook", "sweep_webhooks"]
+
+log = logging.getLogger(__name__)
+
+DELIVER_WEBHOOK_TASK: Final = "synthguard.deliver_webhook"
+SWEEP_WEBHOOKS_TASK: Final = "synthguard.sweep_webhooks"
+SWEEP_BATCH: Final = 500
+
+# One HTTP client (connection pool) per app and process; a forked child builds its own.
+_CLIENTS: weakref.WeakKeyDictionary[Celery, tuple[int, httpx.Client]] = weakref.WeakKeyDictionary()
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _http_client(app: Celery, settings: Settings) -> httpx.Client:
+    with _CLIENTS_LOCK:
+        cached = _CLIENTS.get(app)
+        if cached is not None and cached[0] == os.getpid():
+            return cached[1]
+        client = make_webhook_client(settings.allow_private_hosts, settings.webhook_timeout_s)
+        _CLIENTS[app] = (os.getpid(), client)
+        return client
+
+
+def _enqueue(app: Celery, delivery_id: str, countdown: float | None = None) -> bool:
+    try:
+        app.send_task(DELIVER_WEBHOOK_TASK, kwargs={"delivery_id": delivery_id}, countdown=countdown)
+    except (kombu.exceptions.OperationalError, redis.exceptions.RedisError, OSError) as exc:
+        log.warning("could not enqueue webhook delivery %s (the sweep will retry): %s", delivery_id, exc)
+        return False
+    return True
+
+
+@shared_task(name=DELIVER_WEBHOOK_TASK, bind=True, ignore_result=True)
+def deliver_webhook(self: Task[Any, Any], delivery_id: str) -> str:
+    """Make one attempt at a delivery; returns its status afterwards (or "skipped"/"invalid")."""
+    try:
+        key = uuid.UUID(str(delivery_id))
+    except ValueError:
+        log.warning("deliver_webhook got %r, which is not a delivery id; dropped", delivery_id)
+        return "invalid"
+    runtime = runtime_for(self.app)
+    settings = runtime.settings
+    step = deliver_once(
+        runtime.session_factory,
+        key,
+        _http_client(self.app, settings),
+        SecretCipher(settings.require_secret_key()),
+        DeliveryConfig.from_settings(settings),
+    )
+    log.info("webhook delivery %s: %s (%s)", key, step.status, step.detail or "ok")
+    if (
+        step.status == "pending"
+        and step.retry_in_s is not None
+        and step.retry_in_s <= settings.webhook_eta_max_s
+    ):
+        _enqueue(self.app, str(key), countdown=step.retry_in_s)
+    return step.status
+
+
+@shared_task(name=SWEEP_WEBHOOKS_TASK, bind=True, ignore_result=True)
+def sweep_webhooks(self: Task[Any, Any], grace_s: float | None = None) -> int:
+    """Re-enqueue pending deliveries whose task was lost; returns how many were enqueued."""
+    runtime = runtime_for(self.app)
+    settings = runtime.settings
+    grace = settings.webhook_sweep_grace_s if grace_s is None else float(grace_s)
+    with session_scope(runtime.session_factory) as session:
+        ids = due_delivery_ids(session, now=utcnow(), grace_s=grace, limit=SWEEP_BATCH)
+    sent = sum(_enqueue(self.app, str(delivery_id)) for delivery_id in ids)
+    if ids:
+        log.info("webhook sweep re-enqueued %d overdue deliveries", sent)
+    return sent
+
+
+class WebhookSweepStep(bootsteps.StartStopStep):
+    """Worker bootstep: a daemon thread that sends ``synthguard.sweep_webhooks`` every sweep interval."""
+
+    label = "webhook sweep"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        app: Celery = parent.app
+        interval = runtime_for(app).settings.webhook_sweep_interval_s
+        queue = app.conf.task_default_queue
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    app.send_task(SWEEP_WEBHOOKS_TASK, queue=queue)
+                except Exception:  # the broker may be down; try again next interval
+                    log.warning("could not send the webhook sweep task", exc_info=True)
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=loop, name="synthguard-webhook-sweep", daemon=True)
+        self._thread.start()
+
+    def stop(self, parent: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+@worker_init.connect(weak=False, dispatch_uid="synthguard-webhook-sweep-step")
+def _install_sweep_step(sender: Any = None, **_: Any) -> None:
+    # worker_init fires before the worker builds its blueprint from app.steps, so the step joins it here;
+    # only for apps made by create_celery_app (they carry the settings with the sweep interval).
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+    try:
+        runtime_for(app)
+    except RuntimeError:
+        return
+    app.steps["worker"].add(WebhookSweepStep)
