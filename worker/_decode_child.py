@@ -15,12 +15,16 @@ the parent through what it sends back.
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
+import ctypes.util
 import io
 import json
 import math
 import numbers
 import os
 import resource
+import signal
 import struct
 import sys
 import warnings
@@ -276,7 +280,19 @@ def _limit_resources(memory_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _die_with_parent() -> None:
+    # A decode stuck in a loop never reads the EOF that tells it the worker is gone; have the kernel kill it.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    expected_parent = int(sys.argv[3]) if len(sys.argv) > 3 else os.getppid()
+    if os.getppid() != expected_parent:  # the parent died before prctl took effect
+        sys.exit(0)
+
+
 def main() -> None:
+    _die_with_parent()
     memory_bytes = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     max_input = int(sys.argv[2]) if len(sys.argv) > 2 else 1 << 31
     # Pillow's own bomb check becomes an error at our cap; the explicit check in _first_frame comes first

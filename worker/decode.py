@@ -130,6 +130,7 @@ class Decoder:
                 "worker._decode_child",
                 str(self.memory_bytes),
                 str(self.max_input_bytes),
+                str(os.getpid()),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
