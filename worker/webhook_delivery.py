@@ -43,6 +43,7 @@ from worker.webhooks import (
 )
 
 __all__ = [
+    "DELIVER_WEBHOOK_TASK",
     "DeliveryConfig",
     "DeliveryStep",
     "active_secrets",
@@ -56,6 +57,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The Celery task that sends one delivery (worker/webhook_tasks.py); producers need only the name.
+DELIVER_WEBHOOK_TASK: Final = "synthguard.deliver_webhook"
 # A claim counts a row as due this early: a broker countdown may fire a little before the database clock.
 DUE_TOLERANCE_S: Final = 2.0
 # The lease outlives the request (timeout) by this margin before another worker may take the row over.

@@ -31,14 +31,13 @@ from db.base import utcnow
 from db.session import session_scope
 from worker.app import runtime_for
 from worker.settings import Settings
-from worker.webhook_delivery import DeliveryConfig, deliver_once, due_delivery_ids
+from worker.webhook_delivery import DELIVER_WEBHOOK_TASK, DeliveryConfig, deliver_once, due_delivery_ids
 from worker.webhooks import SecretCipher, make_webhook_client
 
 __all__ = ["DELIVER_WEBHOOK_TASK", "SWEEP_WEBHOOKS_TASK", "deliver_webhook", "sweep_webhooks"]
 
 log = logging.getLogger(__name__)
 
-DELIVER_WEBHOOK_TASK: Final = "synthguard.deliver_webhook"
 SWEEP_WEBHOOKS_TASK: Final = "synthguard.sweep_webhooks"
 SWEEP_BATCH: Final = 500
 

@@ -1,0 +1,176 @@
+"""``synthguard webhooks ...`` end to end: real PostgreSQL, a receiver on 127.0.0.1, Redis for redeliver."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from click.testing import CliRunner
+from standardwebhooks.webhooks import Webhook
+
+from db.session import session_scope
+from tests.worker.webhook_helpers import Script, add_checked_image, drive, fast_settings, run_receiver
+from worker import outbox
+from worker.cli.webhook_cmds import parse_since, webhooks
+
+pytestmark = pytest.mark.usefixtures("pg_clean")
+
+
+@pytest.fixture
+def receiver():
+    yield from run_receiver()
+
+
+@pytest.fixture
+def queue_name():
+    return f"synthguard-test-cli-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def cli(settings, queue_name):
+    env = {
+        "SYNTHGUARD_DATABASE_URL": settings.database_url,
+        "SYNTHGUARD_BROKER_URL": settings.broker_url,
+        "SYNTHGUARD_SECRET_KEY": settings.require_secret_key(),
+        "SYNTHGUARD_ALLOW_PRIVATE_HOSTS": "127.0.0.1",
+        "SYNTHGUARD_QUEUE_NAME": queue_name,
+        "SYNTHGUARD_WEBHOOK_TIMEOUT_S": "5",
+    }
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True, **env_overrides: str):
+        result = runner.invoke(webhooks, list(args), env={**env, **env_overrides}, catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return run
+
+
+def _add(cli, url, *extra):
+    out = cli("add", url, "--client", "acme", *extra).output
+    endpoint_id = re.search(r"endpoint: (\S+)", out).group(1)
+    secret = re.search(r"secret:\s+(whsec_\S+)", out).group(1)
+    return endpoint_id, secret
+
+
+def test_add_list_test_rotate_disable(cli, receiver):
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    endpoint_id, secret = _add(cli, receiver.url_for("/hook"), "--events", "check.flagged,check.failed")
+
+    listed = json.loads(cli("list", "--format", "json").output)
+    assert [(e["id"], e["events"], e["enabled"]) for e in listed] == [
+        (endpoint_id, ["check.failed", "check.flagged"], True)
+    ]
+    assert secret not in cli("list").output
+
+    out = cli("test", endpoint_id).output
+    assert "succeeded" in out and "HTTP 200" in out
+    headers, body = script.requests[-1]
+    assert Webhook(secret).verify(body, headers)["type"] == "ping"
+
+    new_secret = re.search(r"(whsec_\S+)", cli("rotate-secret", endpoint_id).output).group(1)
+    cli("test", endpoint_id)
+    headers, body = script.requests[-1]
+    Webhook(secret).verify(body, headers)
+    Webhook(new_secret).verify(body, headers)
+
+    cli("disable", endpoint_id, "--reason", "maintenance")
+    assert "disabled: maintenance" in cli("list").output
+    refused = cli("test", endpoint_id, ok=False)
+    assert refused.exit_code != 0 and "disabled" in refused.output
+    cli("enable", endpoint_id)
+    cli("test", endpoint_id)
+    assert len(script.requests) == 3
+
+
+def test_add_refuses_unknown_events_and_bad_urls(cli):
+    result = cli(
+        "add", "https://example.com/hook", "--client", "acme", "--events", "check.exploded", ok=False
+    )
+    assert result.exit_code != 0 and "unknown event type" in result.output
+    result = cli("add", "ftp://example.com/hook", "--client", "acme", ok=False)
+    assert result.exit_code != 0 and "scheme" in result.output
+
+
+def test_add_warns_when_the_url_is_refused_now(cli):
+    result = cli("add", "http://169.254.169.254/latest", "--client", "acme")
+    assert "warning" in result.output and "cloud metadata" in result.output
+
+
+def test_test_to_a_failing_receiver_exits_nonzero(cli, receiver):
+    receiver.expect_request("/hook").respond_with_data("nope", status=404)
+    endpoint_id, _ = _add(cli, receiver.url_for("/hook"))
+    result = cli("test", endpoint_id, ok=False)
+    assert result.exit_code == 1 and "HTTP 404" in result.output
+
+
+def test_deliveries_show_and_redeliver(cli, receiver, pg_session_factory, settings, queue_name):
+    script = Script((500, {}), (200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    endpoint_id, _ = _add(cli, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session)
+        (delivery_id,) = outbox.record_check_events(session, check, verdict)
+    one_try = fast_settings(settings, webhook_retry_delays_s=(0.0,))
+    assert drive(pg_session_factory, delivery_id, one_try)[-1].status == "failed"
+
+    failed = json.loads(cli("deliveries", "--failed", "--format", "json").output)
+    assert [(d["id"], d["status"], d["last_status_code"]) for d in failed] == [
+        (str(delivery_id), "failed", 500)
+    ]
+    assert json.loads(cli("deliveries", "--endpoint", str(uuid.uuid4()), "--format", "json").output) == []
+    mine = json.loads(cli("deliveries", "--endpoint", endpoint_id, "--format", "json").output)
+    assert [d["id"] for d in mine] == [str(delivery_id)]
+    shown = cli("show", str(delivery_id)).output
+    assert "HTTP 500" in shown and '"type": "check.flagged"' in shown
+
+    # Through the broker: the task message lands on the configured queue.
+    out = cli("redeliver", "--failed-since", "1h").output
+    assert "1 delivery queued again" in out and str(delivery_id) in out
+    broker = redis.Redis.from_url(settings.broker_url)
+    try:
+        assert broker.llen(queue_name) == 1
+        message = json.loads(broker.lpop(queue_name))
+        assert message["headers"]["task"] == "synthguard.deliver_webhook"
+    finally:
+        broker.close()
+
+    # From this process.
+    out = cli("redeliver", str(delivery_id), "--here").output
+    assert "succeeded" in out
+    assert cli("deliveries", "--failed", "--format", "json").output.strip() == "[]"
+    assert len({headers["webhook-id"] for headers, _ in script.requests}) == 1
+
+
+def test_client_secret_signs_callbacks(cli, receiver, pg_session_factory, settings):
+    script = Script((200, {}))
+    receiver.expect_request("/cb").respond_with_handler(script)
+    secret = cli("client-secret", "acme").output.strip()
+    assert secret.startswith("whsec_")
+    assert cli("client-secret", "acme").output.strip() == secret
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session, callback_url=receiver.url_for("/cb"))
+        (delivery_id,) = outbox.record_check_events(session, check, verdict)
+    drive(pg_session_factory, delivery_id, settings)
+    headers, body = script.requests[0]
+    Webhook(secret).verify(body, headers)
+
+
+def test_missing_secret_key_is_one_clear_line(cli):
+    result = cli("add", "https://example.com/h", "--client", "acme", ok=False, SYNTHGUARD_SECRET_KEY="")
+    assert result.exit_code != 0 and "SYNTHGUARD_SECRET_KEY is not set" in result.output
+
+
+def test_parse_since():
+    now = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    assert parse_since("2h", now=now) == now - timedelta(hours=2)
+    assert parse_since("7d", now=now) == now - timedelta(days=7)
+    assert parse_since("2026-11-25T10:00:00", now=now) == datetime(2026, 11, 25, 10, tzinfo=UTC)
+    with pytest.raises(Exception, match="neither"):
+        parse_since("yesterday", now=now)
