@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from models.evidence._common import FloatArray, laplacian_residual, metric, summarise
+from models.evidence._common import (
+    FloatArray,
+    blocks,
+    debiased_strength,
+    laplacian_residual,
+    metric,
+    summarise,
+)
 
 GROUP = "color"
 CHANNELS = ("r", "g", "b")
@@ -31,24 +38,24 @@ def _correlation(a: FloatArray, b: FloatArray) -> float:
 
 
 def lattice_strength(residual: FloatArray) -> float:
-    """Energy of the period-2 (2x2 lattice) pattern in |residual|, 0 = none.
+    """Strength of the period-2 (2x2 lattice) pattern in |residual|: about 0 = none, 1 = bilinear demosaicing.
 
-    Each 2x2 cell's four |residual| values are divided by the cell's sum, so strong edges weigh no more than
-    flat texture. The mean share of each of the four lattice sites is then split into its three non-constant
-    Walsh components (row parity, column parity, checkerboard); their Euclidean norm is reported. For noise
-    every share is 1/4 and the strength is near 0; for bilinear demosaicing it approaches 1.
+    In each 2x2 cell the four |residual| values are divided by the cell's sum, so strong edges weigh no more
+    than flat texture; averaging over the cells of a 32 px block gives each lattice site's share of the
+    block's residual (1/4 each for noise). The shares are split into their three non-constant Walsh
+    components (row parity, column parity, checkerboard), and `debiased_strength` combines the blocks, so the
+    value neither grows with noise nor depends on the image size.
     """
-    h, w = (residual.shape[0] // 2) * 2, (residual.shape[1] // 2) * 2
-    magnitude = np.abs(residual[:h, :w])
-    sites = [magnitude[dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)]
+    magnitude = np.abs(blocks(residual))
+    sites = [magnitude[:, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)]
     inverse_total = np.float32(1.0) / (sites[0] + sites[1] + sites[2] + sites[3] + CELL_FLOOR)
-    shares = np.array([float(np.mean(site * inverse_total)) for site in sites])
-    shares = shares / max(float(shares.sum()), 1e-12)
-    s00, s01, s10, s11 = shares
-    rows = s00 + s01 - s10 - s11
-    cols = s00 - s01 + s10 - s11
-    checker = s00 - s01 - s10 + s11
-    return float(np.sqrt(rows * rows + cols * cols + checker * checker))
+    shares = np.stack([np.mean(site * inverse_total, axis=(1, 2)) for site in sites], axis=1).astype(
+        np.float64
+    )
+    shares /= np.maximum(shares.sum(axis=1, keepdims=True), 1e-12)
+    s00, s01, s10, s11 = shares.T
+    walsh = np.stack([s00 + s01 - s10 - s11, s00 - s01 + s10 - s11, s00 - s01 - s10 + s11], axis=1)
+    return debiased_strength(walsh)
 
 
 def color_evidence(crop: FloatArray) -> dict[str, Any]:
@@ -68,7 +75,7 @@ def color_evidence(crop: FloatArray) -> dict[str, Any]:
             f"cfa_{channel}",
             lattice_strength(residual),
             f"2x2 colour-filter-array lattice strength of the {channel.upper()} residual "
-            "(demosaicing trace; 0 = none)",
+            "(demosaicing trace; <= 0 = none)",
         )
     result: dict[str, Any] = dict(metrics)
     result["summary"] = summarise("Colour residuals", metrics, ["cfa_g", "residual_corr_rg"])

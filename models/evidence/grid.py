@@ -27,95 +27,113 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from models.evidence._common import FloatArray, laplacian_residual, luminance, metric, summarise
+from models.evidence._common import (
+    FloatArray,
+    blocks,
+    debiased_strength,
+    laplacian_residual,
+    luminance,
+    metric,
+    summarise,
+)
 
 GROUP = "grid"
 PERIOD = 8
 #: First differences are clipped at this many grey levels so strong scene edges do not dominate the folded
 #: profiles; the traces looked for are a few grey levels at most.
 DIFF_CLIP = np.float32(12.0 / 255.0)
+#: Added to mean steps before taking the blockiness ratio (a tenth of a grey level), so a flat image or a
+#: block-aligned nearest-neighbour upsample (no steps inside blocks at all) gives a large finite ratio.
+STEP_FLOOR = 0.1 / 255.0
+#: Period-8 deviations (relative to the mean step) below about this size are noise; the boundary share is
+#: damped towards 0 for them instead of dividing noise by noise.
+SHARE_FLOOR = 0.01
 _BOUNDARY = PERIOD - 1  # index of the difference between columns 8k+7 and 8k+8
 
 
-def _fold(profile: FloatArray, period: int) -> FloatArray:
-    usable = (len(profile) // period) * period
-    return np.asarray(profile[:usable].reshape(-1, period).mean(axis=0), dtype=np.float32)
+def _column_steps(plane: FloatArray) -> FloatArray:
+    """|x[:, j+1] - x[:, j]| clipped, as a full-width array (step j is between columns j and j+1).
+
+    The last column has no right neighbour; it takes the step 8 columns to its left, which has the same
+    lattice phase, so the phase statistics are unchanged.
+    """
+    steps = np.empty_like(plane)
+    steps[:, :-1] = np.minimum(np.abs(np.diff(plane, axis=1)), DIFF_CLIP)
+    steps[:, -1] = steps[:, -1 - PERIOD]
+    return steps
 
 
-def _without_boundary(folded: FloatArray, boundary_phases: tuple[int, ...]) -> FloatArray:
-    keep = np.ones(len(folded), dtype=bool)
-    keep[list(boundary_phases)] = False
-    filled = folded.astype(np.float64).copy()
-    filled[~keep] = filled[keep].mean()
-    return np.asarray(filled, dtype=np.float32)
+def _fill_boundary(folded: NDArray[np.float64], phases: tuple[int, ...]) -> NDArray[np.float64]:
+    """Replace the JPEG boundary phases of each row of `folded` by the mean of the other phases."""
+    keep = np.ones(folded.shape[1], dtype=bool)
+    keep[list(phases)] = False
+    filled = folded.copy()
+    filled[:, ~keep] = folded[:, keep].mean(axis=1, keepdims=True)
+    return filled
 
 
-def _harmonics(folded: FloatArray) -> NDArray[np.float64]:
-    """|DFT| of a folded profile divided by its mean (DC): relative strength of each harmonic."""
-    spectrum = np.abs(np.fft.rfft(folded.astype(np.float64)))
-    return np.asarray(spectrum / max(float(spectrum[0]), 1e-12), dtype=np.float64)
+def _relative_harmonics(folded: NDArray[np.float64]) -> NDArray[np.complex128]:
+    """DFT of each block's folded profile over the profile's mean: relative strength of each harmonic."""
+    spectrum = np.fft.rfft(folded, axis=1)
+    return np.asarray(spectrum / np.maximum(spectrum[:, :1].real, 1e-12), dtype=np.complex128)
 
 
-def _axis_measures(diff_profile: FloatArray) -> dict[str, float]:
-    fold8 = _fold(diff_profile, PERIOD)
-    fold16 = _fold(diff_profile, 2 * PERIOD)
-    others = np.delete(fold8, _BOUNDARY)
-    other_mean = float(others.mean())
-    blockiness = float(fold8[_BOUNDARY]) / other_mean if other_mean > 0 else 1.0
-    deviation = fold8.astype(np.float64) - float(fold8.mean())
-    dev_energy = float(np.sum(deviation**2))
-    boundary_share = float(deviation[_BOUNDARY] ** 2) / dev_energy if dev_energy > 0 else 0.0
+def _axis_measures(plane: FloatArray) -> dict[str, float]:
+    """Grid measures across the columns of `plane` (the transpose gives rows), combined over 32 px blocks."""
+    step_blocks = blocks(_column_steps(plane)).astype(np.float64)  # (n, 32, 32)
+    profiles = step_blocks.mean(axis=1)  # (n, 32): mean step at each column of the block
+    n_blocks = profiles.shape[0]
+    fold8 = profiles.reshape(n_blocks, -1, PERIOD).mean(axis=1)  # (n, 8)
+    fold16 = profiles.reshape(n_blocks, -1, 2 * PERIOD).mean(axis=1)  # (n, 16)
 
-    full = _harmonics(fold8)
-    clean8 = _harmonics(_without_boundary(fold8, (_BOUNDARY,)))
-    clean16 = _harmonics(_without_boundary(fold16, (_BOUNDARY, _BOUNDARY + PERIOD)))
+    others = np.delete(fold8, _BOUNDARY, axis=1).mean(axis=1)
+    blockiness = float(np.mean((fold8[:, _BOUNDARY] + STEP_FLOOR) / (others + STEP_FLOOR)))
+    deviation = fold8 / np.maximum(fold8.mean(axis=1, keepdims=True), 1e-12) - 1.0
+    on_boundary = debiased_strength(deviation[:, _BOUNDARY])
+    all_phases = debiased_strength(deviation)
+    share = max(on_boundary, 0.0) ** 2 / (max(all_phases, 0.0) ** 2 + SHARE_FLOOR**2)
+
+    full = _relative_harmonics(fold8)
+    clean8 = _relative_harmonics(_fill_boundary(fold8, (_BOUNDARY,)))
+    clean16 = _relative_harmonics(_fill_boundary(fold16, (_BOUNDARY, _BOUNDARY + PERIOD)))
     return {
         # Period-8 harmonics of an 8-fold are k = 1 and 3; k = 2 is period 4; k = 4 is period 2.
-        "period8": float(np.hypot(full[1], full[3])),
-        "period8_off_jpeg": float(np.hypot(clean8[1], clean8[3])),
-        "period4": float(clean8[2]),
-        "period2": float(clean8[4]),
+        "period8": debiased_strength(full[:, [1, 3]]),
+        "period8_off_jpeg": debiased_strength(clean8[:, [1, 3]]),
+        "period4": debiased_strength(clean8[:, 2]),
+        "period2": debiased_strength(clean8[:, 4]),
         # Odd harmonics of a 16-fold are the components whose period is 16 and not 8.
-        "period16": float(np.sqrt(np.sum(clean16[1::2] ** 2))),
+        "period16": debiased_strength(clean16[:, 1::2]),
         "jpeg_blockiness": blockiness,
-        "jpeg_phase_share": boundary_share,
+        "jpeg_phase_share": min(float(share), 1.0),
     }
 
 
 def _interior_variation(plane: FloatArray) -> float:
-    """Variation of mean |residual| over the 6x6 block-interior phases (1..6 on each axis), relative to its
-    mean.
+    """Strength of the 8x8 pattern of |residual| over the 6x6 block-interior phases (1..6 on each axis).
 
-    The part a 2x2-periodic pattern explains is removed first (each phase minus the mean of the interior
-    phases with the same row and column parity), so a camera's colour-filter lattice does not count as an
-    8-pixel grid.
+    Each 32 px block's |residual| is folded onto the 8x8 lattice; the interior phases, whose 4-neighbour
+    residual never straddles a JPEG block boundary, are taken relative to their mean, and the part a
+    2x2-periodic pattern explains is removed (each phase minus the mean of the interior phases with the same
+    row and column parity), so a camera's colour-filter lattice does not count as an 8-pixel grid. Blocks are
+    combined with `debiased_strength`; the result is an RMS relative deviation per phase.
     """
-    residual = np.abs(laplacian_residual(plane))
-    residual = np.minimum(residual, DIFF_CLIP)
-    # residual[i, j] belongs to pixel (i+1, j+1): pad one row/column in front so indices are pixel phases.
-    h, w = residual.shape
-    rows, cols = (h + 1) // PERIOD, (w + 1) // PERIOD
-    padded = np.zeros((rows * PERIOD, cols * PERIOD), dtype=np.float32)
-    take_h, take_w = min(h, rows * PERIOD - 1), min(w, cols * PERIOD - 1)
-    padded[1 : 1 + take_h, 1 : 1 + take_w] = residual[:take_h, :take_w]
-    phases = padded.reshape(rows, PERIOD, cols, PERIOD).mean(axis=(0, 2))[1:-1, 1:-1].astype(np.float64)
-    mean = float(phases.mean())
-    if mean <= 0:
-        return 0.0
-    beyond_lattice = phases.copy()
+    residual = np.minimum(np.abs(laplacian_residual(plane)), DIFF_CLIP)
+    folded = blocks(residual).reshape(-1, 4, PERIOD, 4, PERIOD).mean(axis=(1, 3))  # (n, 8, 8)
+    interior = folded[:, 1:-1, 1:-1].astype(np.float64)
+    relative = interior / np.maximum(interior.mean(axis=(1, 2), keepdims=True), 1e-12)
+    beyond_lattice = relative.copy()
     for dy in (0, 1):
         for dx in (0, 1):
-            beyond_lattice[dy::2, dx::2] -= phases[dy::2, dx::2].mean()
-    return float(np.sqrt(np.mean(beyond_lattice**2))) / mean
+            beyond_lattice[:, dy::2, dx::2] -= relative[:, dy::2, dx::2].mean(axis=(1, 2), keepdims=True)
+    return debiased_strength(beyond_lattice.reshape(len(beyond_lattice), -1)) / 6.0
 
 
 def grid_evidence(crop: FloatArray) -> dict[str, Any]:
     """Grid metrics of an RGB crop whose origin is on the 8x8 JPEG lattice. Returns records plus `summary`."""
     plane = luminance(crop)
-    dx = np.minimum(np.abs(np.diff(plane, axis=1)), DIFF_CLIP).mean(axis=0)
-    dy = np.minimum(np.abs(np.diff(plane, axis=0)), DIFF_CLIP).mean(axis=1)
-    across_cols = _axis_measures(np.asarray(dx, dtype=np.float32))
-    across_rows = _axis_measures(np.asarray(dy, dtype=np.float32))
+    across_cols = _axis_measures(plane)
+    across_rows = _axis_measures(np.ascontiguousarray(plane.T))
     combined = {key: 0.5 * (across_cols[key] + across_rows[key]) for key in across_cols}
 
     meanings = {

@@ -15,34 +15,30 @@ from typing import Any
 import numpy as np
 from scipy import fft, ndimage, stats
 
-from models.evidence._common import FloatArray, laplacian_residual, luminance, metric, summarise
+from models.evidence._common import FloatArray, blocks, laplacian_residual, luminance, metric, summarise
 
 GROUP = "spectral"
 
-#: Welch tiles: averaging the periodograms of several tiles makes the spectrum stable enough that a 4-5x peak
-#: over the local median is real structure, not chance. 128 px resolves the 1/8 and 1/16 cycles-per-pixel
-#: lattices.
-TILE = 128
-SMALL_TILE = 64
+#: Tiles of the Welch average. One fixed size for every image keeps the measures' distributions independent of
+#: the image size (a 64 px minimum image has one tile, a 512 px crop 64); 64 px still puts the 1/8 and 1/16
+#: cycles-per-pixel lattices on exact frequency bins.
+TILE = 64
 #: Radial frequency bands in cycles per pixel (Nyquist is 0.5 on each axis).
 MID_BAND = (0.125, 0.375)
 #: Frequencies below this are dominated by window leakage of scene content and are not searched for peaks.
 LOW_CUTOFF = 0.04
-#: Chance probability per frequency bin that we accept for calling a bin a peak.
+#: Chance probability per frequency bin and tile accepted for calling the bin a peak.
 PEAK_FALSE_ALARM = 1e-4
+#: A single tile's periodogram bin of a noise-like residual is exponential around its expected power, so this
+#: ratio to the expected power has chance probability PEAK_FALSE_ALARM.
+PEAK_RATIO = float(-np.log(PEAK_FALSE_ALARM))
 MEDIAN_SIZE = 7
 
 
-@lru_cache(maxsize=64)
-def _peak_threshold(n_tiles: int) -> float:
-    """Ratio to the local median above which a bin is a peak, for an average of `n_tiles` periodograms.
-
-    A periodogram bin of a noise-like residual is exponential; the mean of n of them is Gamma(n, 1/n). The
-    local median estimates that distribution's median, so the threshold is its (1 - PEAK_FALSE_ALARM)
-    quantile over it.
-    """
-    dist = stats.gamma(a=n_tiles, scale=1.0 / n_tiles)
-    return float(dist.isf(PEAK_FALSE_ALARM) / dist.median())
+@lru_cache(maxsize=256)
+def _median_over_mean(n_tiles: int) -> float:
+    """Median / mean of the average of `n_tiles` exponential periodogram values (a Gamma(n, 1/n) variable)."""
+    return float(stats.gamma(a=n_tiles, scale=1.0 / n_tiles).median())
 
 
 @lru_cache(maxsize=4)
@@ -60,20 +56,20 @@ def _window_and_grid(tile: int) -> tuple[FloatArray, np.ndarray, np.ndarray]:
     return window, radius, weight
 
 
-def _tiles(plane: FloatArray, tile: int) -> FloatArray:
-    rows, cols = plane.shape[0] // tile, plane.shape[1] // tile
-    cut = plane[: rows * tile, : cols * tile]
-    stacked = cut.reshape(rows, tile, cols, tile).transpose(0, 2, 1, 3).reshape(-1, tile, tile)
-    return np.asarray(stacked - stacked.mean(axis=(1, 2), keepdims=True), dtype=np.float32)
-
-
 def spectral_evidence(crop: FloatArray) -> dict[str, Any]:
-    """Spectral metrics of an RGB crop (side >= 64). Returns metric records plus a `summary` string."""
+    """Spectral metrics of an RGB crop (side >= 64). Returns metric records plus a `summary` string.
+
+    Band energies come from the Welch average of 64 px tiles. Peaks are judged per tile against the expected
+    power at that frequency (the local median of the Welch average, rescaled to a mean, times the tile's own
+    level), so the per-tile peak count and strength have the same distribution for a small image as for a
+    large one; they are averaged over tiles.
+    """
     residual = laplacian_residual(luminance(crop))
-    tile = TILE if min(residual.shape) >= TILE else SMALL_TILE
-    tiles = _tiles(residual, tile)
-    window, radius, weight = _window_and_grid(tile)
-    power = np.mean(np.abs(fft.rfft2(tiles * window, workers=1)) ** 2, axis=0)
+    tiles = blocks(residual, TILE)
+    tiles = tiles - tiles.mean(axis=(1, 2), keepdims=True)
+    window, radius, weight = _window_and_grid(TILE)
+    tile_power = np.abs(fft.rfft2(tiles * window, workers=1)) ** 2  # (n, 64, 33)
+    power = tile_power.mean(axis=0)
 
     not_dc = radius > 0
     total = float(np.sum(power * weight * not_dc)) or 1.0
@@ -82,14 +78,16 @@ def spectral_evidence(crop: FloatArray) -> dict[str, Any]:
     mid_energy = float(np.sum(power * weight * mid)) / total
     high_energy = float(np.sum(power * weight * high)) / total
 
-    # Local median along both axes; the frequency axis 0 wraps around (fftfreq order), axis 1 does not.
-    baseline = ndimage.median_filter(power, size=MEDIAN_SIZE, mode="nearest")
-    ratio = power / np.maximum(baseline, np.float32(1e-12))
+    # Expected power per bin: the local median of the Welch average, turned into a mean estimate.
+    baseline = ndimage.median_filter(power, size=MEDIAN_SIZE, mode="nearest") / _median_over_mean(len(tiles))
     searched = radius >= LOW_CUTOFF
-    threshold = _peak_threshold(len(tiles))
-    peaks = searched & (ratio > threshold)
-    peak_count = int(np.count_nonzero(peaks))
-    strongest = float(ratio[searched].max()) if np.any(searched) else 1.0
+    ratios = tile_power[:, searched] / np.maximum(baseline[searched], np.float32(1e-20))
+    # Tiles differ in texture, so each tile's spectrum is the common shape times its own level; estimate the
+    # level robustly (median ratio; the median of an exponential is ln 2 times its mean) and divide it out.
+    level_per_tile = np.median(ratios, axis=1, keepdims=True) / np.log(2.0)
+    ratios = ratios / np.maximum(level_per_tile, 1e-20)
+    peak_count = float(np.mean(np.count_nonzero(ratios > PEAK_RATIO, axis=1)))
+    peak_strength = float(np.mean(np.log10(np.maximum(ratios.max(axis=1), 1e-12))))
     level = float(residual.std()) * 255.0
 
     metrics = {
@@ -108,15 +106,16 @@ def spectral_evidence(crop: FloatArray) -> dict[str, Any]:
         "peak_count": metric(
             GROUP,
             "peak_count",
-            float(peak_count),
-            f"spectrum bins above {threshold:.2f}x the local median (chance 1e-4 per bin): periodic traces",
+            peak_count,
+            f"residual spectrum bins per 64 px tile above {PEAK_RATIO:.1f}x their expected power "
+            "(chance 1e-4 per bin): periodic traces",
             digits=6,
         ),
         "peak_strength": metric(
             GROUP,
             "peak_strength",
-            float(np.log10(max(strongest, 1e-12))),
-            "log10 of the strongest bin over its local median",
+            peak_strength,
+            "log10 of the strongest bin over its expected power, mean over 64 px tiles",
         ),
     }
     result: dict[str, Any] = dict(metrics)
