@@ -138,7 +138,8 @@ class Check(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
 
-    verdict: Mapped[Verdict | None] = relationship(lazy="joined")
+    # selectin, not joined: a joined eager load cannot be combined with SELECT ... FOR UPDATE on PostgreSQL.
+    verdict: Mapped[Verdict | None] = relationship(lazy="selectin")
     reviews: Mapped[list[Review]] = relationship(back_populates="check", order_by="Review.created_at")
 
     @property

@@ -194,6 +194,9 @@ def celery_worker(celery_app: Celery, detector: Any) -> Iterator[WorkController]
     """
     from celery.contrib.testing.worker import start_worker
 
+    from worker.app import runtime_for
+
+    runtime_for(celery_app).set_detector(detector)
     with start_worker(
         celery_app,
         pool="solo",

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     # A message not acknowledged within this time is redelivered by Redis; longer than the slowest task.
     broker_visibility_timeout_s: int = Field(default=900, ge=1)
     queue_name: str = "synthguard"
+    # A task running longer than this is killed (its child restarts; the attempt counts toward max_attempts).
+    task_time_limit_s: int = Field(default=900, ge=1)
 
     @field_validator("database_url")
     @classmethod

@@ -1,0 +1,143 @@
+"""Celery app factory. Built from a Settings object, never at import (tests build their own apps).
+
+Reliability choices, each for a reason:
+- JSON only (no pickle): a message is data, never code;
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose process dies is redelivered, not lost
+  (tasks are idempotent: checks are keyed by (client, external_id), verdicts by (sha256, model_id));
+- prefetch 1: a long CPU/GPU task does not hold other messages hostage in a busy worker's buffer;
+- ``worker_max_tasks_per_child``: bounds memory growth of torch allocations;
+- results ignored: the database is the source of truth;
+- the detector is loaded once per worker process after fork (never CUDA in the parent) and the SQLAlchemy pool
+  inherited from the parent is disposed in each child.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+import weakref
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import make_engine, make_session_factory
+from worker.pipeline import DetectorLike
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TASK_MODULES = ("worker.tasks", "worker.webhook_tasks", "worker.reconcile")
+
+
+class WorkerRuntime:
+    """Per-process resources of one Celery app: engine, session factory and the detector, created lazily."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._engine: Engine | None = None
+        self._session_factory: sessionmaker[Session] | None = None
+        self._detector: DetectorLike | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = make_engine(self.settings.database_url)
+            return self._engine
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        engine = self.engine
+        with self._lock:
+            if self._session_factory is None:
+                self._session_factory = make_session_factory(engine)
+            return self._session_factory
+
+    @property
+    def detector(self) -> DetectorLike:
+        """The detector of this process, loaded on first use (in a worker child: right after fork)."""
+        with self._lock:
+            if self._detector is None:
+                self._detector = load_detector(self.settings)
+            return self._detector
+
+    def set_detector(self, detector: DetectorLike) -> None:
+        """Use an already loaded detector (tests share one per session; ``scan`` loads its own)."""
+        with self._lock:
+            self._detector = detector
+
+    def after_fork(self) -> None:
+        """In a new child: drop the parent's pooled connections (a socket must not be shared by processes)."""
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose(close=False)
+
+
+def load_detector(settings: Settings) -> DetectorLike:
+    """Create the configured detector; ``device="auto"`` picks CUDA when available."""
+    import models  # noqa: PLC0415 - deferred: importing torch is slow and a producer never needs it
+
+    device = None if settings.device == "auto" else settings.device
+    detector: DetectorLike = models.create_detector(settings.model_name, device=device)
+    log.info("loaded detector %s", detector.model_id)
+    return detector
+
+
+_RUNTIMES: weakref.WeakKeyDictionary[Celery, WorkerRuntime] = weakref.WeakKeyDictionary()
+
+
+def runtime_for(app: Celery) -> WorkerRuntime:
+    """The runtime of an app made by :func:`create_celery_app`."""
+    try:
+        return _RUNTIMES[app]
+    except KeyError:
+        raise RuntimeError("this Celery app was not created by worker.app.create_celery_app") from None
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """A Celery app for ``settings`` with synthguard's tasks registered."""
+    modules = [name for name in TASK_MODULES if importlib.util.find_spec(name) is not None]
+    app = Celery("synthguard", broker=settings.broker_url, include=modules, set_as_current=False)
+    app.conf.update(
+        accept_content=["json"],
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.worker_concurrency,
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        # Redis down at start or later: keep retrying instead of exiting into a crash loop.
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_default_queue=settings.queue_name,
+        task_time_limit=settings.task_time_limit_s,
+        enable_utc=True,
+        timezone="UTC",
+        worker_hijack_root_logger=False,
+    )
+    runtime = WorkerRuntime(settings)
+    _RUNTIMES[app] = runtime
+
+    def _init_child(**_signal_kwargs: Any) -> None:
+        runtime.after_fork()
+        runtime.detector  # noqa: B018 - load before the first task, in the child, never in the parent
+
+    worker_process_init.connect(_init_child, weak=False, dispatch_uid=f"synthguard-init-{id(app)}")
+    # Register the tasks on this app now, so send_task/apply_async work without a worker finalising it.
+    for module in modules:
+        importlib.import_module(module)
+    app.finalize()
+    return app
+
+
+__all__ = ["WorkerRuntime", "create_celery_app", "load_detector", "runtime_for"]

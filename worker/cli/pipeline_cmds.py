@@ -1,0 +1,689 @@
+"""Pipeline commands: scan, demo, worker, enqueue, db upgrade; review listings: verdicts, checks, show."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import io
+import json
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import click
+import kombu.exceptions
+import numpy as np
+import redis.exceptions
+import sqlalchemy as sa
+import sqlalchemy.exc
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+from tqdm import tqdm
+
+from db.base import utcnow
+from db.migrate import is_up_to_date, upgrade_to_head
+from db.queries import get_check, get_or_create_check, list_checks, list_verdicts
+from db.session import make_engine, make_session_factory, session_scope
+from db.tables import CHECK_STATUSES, Check
+from worker import pipeline
+from worker.settings import Settings, SettingsError, load_settings
+
+IMAGE_SUFFIXES: Final = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif"}
+)
+FORMATS: Final = ("table", "json")
+CELL_MAX_CHARS: Final = 70
+T = TypeVar("T")
+
+format_option = click.option(
+    "--format", "output_format", type=click.Choice(FORMATS), default="table", show_default=True,
+    help="Output as a table or as JSON.",
+)  # fmt: skip
+db_option = click.option(
+    "--db", "database", metavar="URL_OR_PATH",
+    help="Database URL, or a path to a SQLite file (default: SYNTHGUARD_DATABASE_URL or ./synthguard.db).",
+)  # fmt: skip
+
+
+# --- settings and database ------------------------------------------------------------------------------
+
+
+def cli_settings(database: str | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment plus command-line overrides; invalid settings stop with one line."""
+    if database:
+        overrides["database_url"] = database if "://" in database else f"sqlite:///{Path(database).resolve()}"
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _safe_url(url: str) -> str:
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def open_database(settings: Settings, *, migrate: bool) -> sessionmaker[Session]:
+    """A session factory for the configured database, migrated to head if ``migrate`` (else checked)."""
+    engine = make_engine(settings.database_url)
+    try:
+        if not is_up_to_date(engine):
+            if not migrate:
+                raise click.ClickException(
+                    f"the database {_safe_url(settings.database_url)} is not at the current schema; "
+                    "run `synthguard db upgrade`"
+                )
+            upgrade_to_head(settings.database_url)
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise click.ClickException(
+            f"cannot open the database {_safe_url(settings.database_url)}: {reason}"
+        ) from None
+    return make_session_factory(engine)
+
+
+# --- output ---------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    text = " ".join(str(value).split())
+    return text if len(text) <= CELL_MAX_CHARS else text[: CELL_MAX_CHARS - 1] + "…"
+
+
+def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], output_format: str) -> None:
+    """Print rows as an aligned table (only ``columns``) or as a JSON array (every key)."""
+    if output_format == "json":
+        click.echo(json.dumps(list(rows), indent=2, default=_json_default))
+        return
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    click.echo("  ".join(column.upper().ljust(width) for column, width in zip(columns, widths, strict=True)))
+    for line in cells:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def check_row(check: Check) -> dict[str, Any]:
+    """One check as a flat dict (the JSON form of the listings)."""
+    verdict = check.verdict
+    return {
+        "check_id": str(check.id),
+        "external_id": check.external_id,
+        "client": check.client,
+        "status": check.status,
+        "attempts": check.attempts,
+        "sha256": check.sha256,
+        "verdict": check.effective_verdict,
+        "model_verdict": verdict.verdict if verdict else None,
+        "score": verdict.score if verdict else None,
+        "decided_by": verdict.decided_by if verdict else None,
+        "model": verdict.model_id if verdict else None,
+        "error": check.error,
+        "source_url": check.source_url,
+        "created_at": check.created_at,
+        "finished_at": check.finished_at,
+    }
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanInput:
+    """One thing to check: a local file or an http(s) URL, with an optional label for the output."""
+
+    name: str
+    path: Path | None = None
+    url: str | None = None
+    label: str | None = None
+
+
+def expand_inputs(arguments: Iterable[str]) -> list[ScanInput]:
+    """Files, directories (recursively, image suffixes only), URLs and @list.txt files (one entry a line)."""
+    inputs: list[ScanInput] = []
+    for argument in arguments:
+        if argument.lower().startswith(("http://", "https://")):
+            inputs.append(ScanInput(name=argument, url=argument))
+        elif argument.startswith("@"):
+            list_path = Path(argument[1:])
+            if not list_path.is_file():
+                raise click.BadParameter(f"list file not found: {list_path}")
+            lines = list_path.read_text(encoding="utf-8").splitlines()
+            inputs += expand_inputs(
+                line.strip() for line in lines if line.strip() and not line.startswith("#")
+            )
+        else:
+            path = Path(argument)
+            if path.is_dir():
+                files = sorted(
+                    p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                )
+                inputs += [ScanInput(name=str(file), path=file) for file in files]
+            elif path.is_file():
+                inputs.append(ScanInput(name=str(path), path=path))
+            else:
+                raise click.BadParameter(f"no such file, directory or URL: {argument}")
+    return inputs
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def create_check_for(
+    session: Session,
+    item: ScanInput,
+    settings: Settings,
+    *,
+    client: str,
+    callback_url: str | None = None,
+    retry_failed: bool = False,
+) -> tuple[Check, bool]:
+    """The check for one input (created queued, or the existing one); files are read inline.
+
+    A file's external id is its absolute path plus the start of its sha256, so an unchanged file maps to the
+    same check (and a rescan shows the stored result) while an edited file gets a new one.
+    """
+    data: bytes | None = None
+    too_large: str | None = None
+    if item.path is not None:
+        size = item.path.stat().st_size
+        if size > settings.max_inline_bytes:
+            limit = settings.max_inline_bytes
+            too_large = f"file too large: {size} bytes > limit {limit} (SYNTHGUARD_MAX_INLINE_BYTES)"
+            digest = "toolarge"
+        else:
+            data = item.path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()[:16]
+        external_id = f"file:{item.path.resolve()}@{digest}"
+    else:
+        external_id = f"url:{item.url}"
+    check, created = get_or_create_check(
+        session,
+        client=client,
+        external_id=external_id[-255:],
+        source_url=item.url,
+        image_data=data,
+        callback_url=callback_url,
+    )
+    if not created and retry_failed and check.status == "failed" and too_large is None:
+        # An interactive rescan gives a failed check (network down, say) a fresh start.
+        check.status, check.attempts, check.error, check.finished_at = "queued", 0, None, None
+        if data is not None:
+            check.image_data = data
+    if created and too_large is not None:
+        pipeline.fail_checks(session, [check.id], too_large, settings)
+    return check, created
+
+
+# --- scan -----------------------------------------------------------------------------------------------
+
+
+def scan_inputs(
+    factory: sessionmaker[Session],
+    detector: pipeline.DetectorLike,
+    inputs: Sequence[ScanInput],
+    settings: Settings,
+    *,
+    client: str = "scan",
+) -> list[dict[str, Any]]:
+    """Run the pipeline in this process over ``inputs`` (same code as the worker); one row per input."""
+    check_ids: list[uuid.UUID] = []
+    progress = tqdm(total=len(inputs), unit="image", file=sys.stderr, desc="scanning", disable=None)
+    with progress:
+        for batch in _chunks(inputs, settings.batch_size):
+            with session_scope(factory) as session:
+                batch_ids = [
+                    create_check_for(session, item, settings, client=client, retry_failed=True)[0].id
+                    for item in batch
+                ]
+            check_ids += batch_ids
+            with session_scope(factory) as session:
+                claimed = pipeline.claim(session, batch_ids, settings)
+            try:
+                with session_scope(factory) as session:
+                    pipeline.run(session, detector, claimed.check_ids, settings)
+            except sqlalchemy.exc.SQLAlchemyError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one broken batch must not end the scan unrecorded
+                with session_scope(factory) as session:
+                    pipeline.fail_checks(session, claimed.check_ids, f"internal error: {exc}", settings)
+            progress.update(len(batch))
+    rows: list[dict[str, Any]] = []
+    with session_scope(factory) as session:
+        for item, check_id in zip(inputs, check_ids, strict=True):
+            check = session.get(Check, check_id)
+            if check is None:  # pragma: no cover - created above in a committed transaction
+                continue
+            rows.append({"input": item.name, "label": item.label, **check_row(check)})
+    return rows
+
+
+SCAN_COLUMNS: Final = ("input", "status", "verdict", "score", "decided_by", "error")
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="PATH_OR_URL...")
+@db_option
+@click.option("--client", default="scan", show_default=True, help="Client name stored with the checks.")
+@format_option
+def scan(inputs: tuple[str, ...], database: str | None, client: str, output_format: str) -> None:
+    """Check images now, in this process: files, directories, http(s) URLs or @list.txt files.
+
+    Runs the same pipeline as the worker against SQLite by default (./synthguard.db, created and migrated on
+    first use) and prints the verdicts. Images already checked by this model version are not analysed again.
+    """
+    settings = cli_settings(database)
+    items = expand_inputs(inputs)
+    factory = open_database(settings, migrate=True)
+    detector = _load_detector(settings)
+    rows = scan_inputs(factory, detector, items, settings, client=client)
+    emit(rows, SCAN_COLUMNS, output_format)
+
+
+def _load_detector(settings: Settings) -> pipeline.DetectorLike:
+    from worker.app import load_detector  # noqa: PLC0415 - imports Celery; listings should not pay for it
+
+    click.echo(f"loading detector {settings.model_name} ...", err=True)
+    try:
+        return load_detector(settings)
+    except Exception as exc:  # noqa: BLE001 - weights missing or tampered: one line, no traceback
+        raise click.ClickException(f"cannot load detector {settings.model_name}: {exc}") from None
+
+
+# --- demo -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoImage:
+    file_name: str
+    label: str
+    make: Callable[[], bytes]
+
+
+def _skimage_file(name: str) -> bytes:
+    return (importlib.resources.files("skimage.data") / name).read_bytes()
+
+
+def _decoder_like(name: str, factor: int = 8) -> bytes:
+    """A photo box-downsampled by ``factor`` then nearest-neighbour upsampled by ``factor``, as PNG.
+
+    The upsampling leaves the ``factor``-pixel block grid that latent-diffusion decoders (8x upsampling)
+    leave. It is NOT the output of a generative model: a synthetic stand-in for that one trace.
+    """
+    photo = Image.open(io.BytesIO(_skimage_file(name))).convert("RGB")
+    width, height = (photo.width // factor) * factor, (photo.height // factor) * factor
+    small = photo.crop((0, 0, width, height)).reduce(factor)
+    upsampled = small.resize((width, height), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    upsampled.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg_copy(name: str, quality: int) -> bytes:
+    photo = Image.open(io.BytesIO(_skimage_file(name))).convert("RGB")
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _noise_png(seed: int = 0, size: int = 256) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+DEMO_IMAGES: Final = (
+    DemoImage("astronaut.png", "camera photo: NASA portrait of Eileen Collins (public domain)",
+              lambda: _skimage_file("astronaut.png")),
+    DemoImage("coffee.png", "camera photo: coffee cup by Rachel Michetti (CC0)",
+              lambda: _skimage_file("coffee.png")),
+    DemoImage("chelsea.png", "camera photo: Chelsea the cat by Stefan van der Walt (CC0)",
+              lambda: _skimage_file("chelsea.png")),
+    DemoImage("rocket.jpg", "camera photo, JPEG: SpaceX Falcon 9 launch (public domain)",
+              lambda: _skimage_file("rocket.jpg")),
+    DemoImage("chelsea-q75.jpg", "made here: chelsea.png re-encoded as JPEG quality 75",
+              lambda: _jpeg_copy("chelsea.png", 75)),
+    DemoImage("coffee-8x-nearest.png",
+              "made here: coffee.png shrunk 8x, nearest-upsampled 8x (decoder-like grid, no real generator)",
+              lambda: _decoder_like("coffee.png")),
+    DemoImage("noise.png", "made here: uniform random noise (neither a photo nor a generator's output)",
+              _noise_png),
+)  # fmt: skip
+
+
+def write_demo_images(directory: Path) -> list[ScanInput]:
+    """Write the bundled demo images into ``directory``; return them as labelled scan inputs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    inputs = []
+    for image in DEMO_IMAGES:
+        path = directory / image.file_name
+        path.write_bytes(image.make())
+        inputs.append(ScanInput(name=image.file_name, path=path, label=image.label))
+    return inputs
+
+
+@click.command()
+@click.argument("paths", nargs=-1, metavar="[PATH_OR_URL...]")
+@db_option
+@click.option(
+    "--images-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("synthguard-demo"),
+    show_default=True, help="Where the example images are written.",
+)  # fmt: skip
+@format_option
+def demo(paths: tuple[str, ...], database: str | None, images_dir: Path, output_format: str) -> None:
+    """Scan a few example images (public-domain photos and images made here), plus any PATH_OR_URL given.
+
+    The examples show what the output looks like; a handful of images measures nothing about accuracy
+    (see models/MODEL_CARD.md for the detector's measured performance).
+    """
+    settings = cli_settings(database)
+    inputs = write_demo_images(images_dir) + expand_inputs(paths)
+    factory = open_database(settings, migrate=True)
+    detector = _load_detector(settings)
+    rows = scan_inputs(factory, detector, inputs, settings, client="demo")
+    for row in rows:
+        row["what it is"] = row.pop("label") or "your input"
+    emit(rows, ("input", "what it is", "verdict", "score", "decided_by", "error"), output_format)
+    if output_format == "table":
+        click.echo(
+            f"\nImages written to {images_dir}/; verdicts stored in {_safe_url(settings.database_url)} "
+            "(try `synthguard verdicts` or `synthguard show CHECK_ID`)."
+        )
+
+
+# --- worker and enqueue ---------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--concurrency", type=int, help="Worker processes (default: SYNTHGUARD_WORKER_CONCURRENCY).")
+@click.option(
+    "--loglevel", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])
+)
+@click.option(
+    "--pool", default="prefork", show_default=True, type=click.Choice(["prefork", "solo", "threads"])
+)
+def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
+    """Run a Celery worker that takes synthguard tasks from SYNTHGUARD_BROKER_URL."""
+    settings = cli_settings()
+    open_database(settings, migrate=False)
+    # Load and verify the weights once on the CPU before forking: a missing or tampered weights file stops
+    # the start here with one line, instead of every child failing. CUDA is touched only in the children.
+    _load_detector(settings.model_copy(update={"device": "cpu"}))
+    from worker.app import create_celery_app  # noqa: PLC0415
+
+    app = create_celery_app(settings)
+    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool}", f"--queues={settings.queue_name}"]
+    argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
+    app.worker_main(argv)
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="FILE|DIR|URL|@list.txt...")
+@click.option("--client", default="cli", show_default=True, help="Client the checks belong to.")
+@click.option("--callback-url", help="URL that receives the check.flagged webhook for these checks.")
+@db_option
+@format_option
+def enqueue(
+    inputs: tuple[str, ...], client: str, callback_url: str | None, database: str | None, output_format: str
+) -> None:
+    """Queue images for the workers; prints one check id per input (finished checks are not re-queued)."""
+    settings = cli_settings(database)
+    if callback_url is not None and not callback_url.lower().startswith(("http://", "https://")):
+        raise click.BadParameter("must be an http(s) URL", param_hint="--callback-url")
+    items = expand_inputs(inputs)
+    factory = open_database(settings, migrate=False)
+    rows: list[dict[str, Any]] = []
+    to_queue: list[uuid.UUID] = []
+    with session_scope(factory) as session:
+        for item in tqdm(items, unit="image", file=sys.stderr, desc="recording", disable=None):
+            check, created = create_check_for(
+                session, item, settings, client=client, callback_url=callback_url
+            )
+            if check.status == "queued":
+                to_queue.append(check.id)
+            state = "queued" if created and check.status == "queued" else check.status
+            rows.append({"input": item.name, "check_id": str(check.id), "status": state, "new": created})
+    from worker.app import create_celery_app  # noqa: PLC0415 - Celery only where a message is sent
+    from worker.tasks import enqueue_checks  # noqa: PLC0415
+
+    try:
+        enqueue_checks(create_celery_app(settings), to_queue, settings.batch_size)
+    except (kombu.exceptions.OperationalError, redis.exceptions.RedisError, OSError) as exc:
+        raise click.ClickException(
+            f"checks recorded but not queued: broker {_safe_url(settings.broker_url)} unreachable ({exc}); "
+            "they are picked up once a worker's reconciler runs, or rerun this command"
+        ) from None
+    emit(rows, ("input", "check_id", "status"), output_format)
+
+
+# --- db -------------------------------------------------------------------------------------------------
+
+
+@click.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+@db_option
+def db_upgrade(database: str | None) -> None:
+    """Create or migrate the database schema to the current version."""
+    settings = cli_settings(database)
+    try:
+        upgrade_to_head(settings.database_url)
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise click.ClickException(f"cannot migrate {_safe_url(settings.database_url)}: {reason}") from None
+    click.echo(f"{_safe_url(settings.database_url)} is at the current schema")
+
+
+# --- review listings ------------------------------------------------------------------------------------
+
+_RELATIVE_SINCE: Final = re.compile(r"^(\d+)([smhdw])$")
+_UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(value: str | None) -> datetime | None:
+    """An ISO date/time (UTC if no zone) or a relative age such as 30m, 24h, 7d."""
+    if value is None:
+        return None
+    match = _RELATIVE_SINCE.match(value.strip())
+    if match:
+        return utcnow() - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            "use an ISO date/time or an age like 30m, 24h, 7d", param_hint="--since"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
+
+
+VERDICT_COLUMNS: Final = ("check_id", "client", "external_id", "verdict", "score", "model", "created_at")
+
+
+@click.command()
+@click.option("--flagged", is_flag=True, help="Only flagged checks (the rule of the flagged_checks view).")
+@click.option("--since", help="Only checks created since (ISO time, or an age like 24h, 7d).")
+@click.option("--client", help="Only this client's checks.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@db_option
+@format_option
+def verdicts(  # noqa: PLR0917 - one parameter per click option
+    flagged: bool, since: str | None, client: str | None, limit: int, database: str | None, output_format: str
+) -> None:
+    """List stored verdicts of done checks, newest first."""
+    settings = cli_settings(database)
+    factory = open_database(settings, migrate=False)
+    with session_scope(factory) as session:
+        checks = list_verdicts(session, flagged=flagged, client=client, since=parse_since(since), limit=limit)
+        rows = [check_row(check) for check in checks]
+    emit(rows, VERDICT_COLUMNS, output_format)
+
+
+CHECK_COLUMNS: Final = ("check_id", "client", "external_id", "status", "attempts", "verdict", "error")
+
+
+@click.command()
+@click.option("--status", type=click.Choice(CHECK_STATUSES), help="Only checks in this status.")
+@click.option("--client", help="Only this client's checks.")
+@click.option("--since", help="Only checks created since (ISO time, or an age like 24h, 7d).")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@db_option
+@format_option
+def checks(  # noqa: PLR0917 - one parameter per click option
+    status: str | None,
+    client: str | None,
+    since: str | None,
+    limit: int,
+    database: str | None,
+    output_format: str,
+) -> None:
+    """List checks of every status (with the failure reason of failed ones), newest first."""
+    settings = cli_settings(database)
+    factory = open_database(settings, migrate=False)
+    with session_scope(factory) as session:
+        found = list_checks(session, status=status, client=client, since=parse_since(since), limit=limit)
+        rows = [check_row(check) for check in found]
+    emit(rows, CHECK_COLUMNS, output_format)
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(", ", ": "), default=str)
+    return str(value)
+
+
+def check_details(check: Check) -> dict[str, Any]:
+    """Everything about one check: the listing fields plus family scores, reasons, evidence and reviews."""
+    details = check_row(check)
+    verdict = check.verdict
+    details.update(
+        phash=check.phash,
+        phash_quality=check.phash_quality,
+        has_inline_image=check.has_inline_image,
+        callback_url=check.callback_url,
+        metadata=check.metadata_,
+        started_at=check.started_at,
+        updated_at=check.updated_at,
+        reviewed_verdict=check.reviewed_verdict,
+        threshold=verdict.threshold if verdict else None,
+        family_scores=verdict.family_scores if verdict else None,
+        reasons=verdict.reasons if verdict else [],
+        evidence={row.group_name: row.data for row in verdict.evidence} if verdict else {},
+        reviews=[
+            {
+                "reviewer": review.reviewer,
+                "previous_verdict": review.previous_verdict,
+                "new_verdict": review.new_verdict,
+                "note": review.note,
+                "created_at": review.created_at,
+            }
+            for review in check.reviews
+        ],
+    )
+    return details
+
+
+def _print_details(details: dict[str, Any]) -> None:
+    echo = click.echo
+    echo(f"check        {details['check_id']}")
+    echo(f"client       {details['client']}   external id {details['external_id']}")
+    source = details["source_url"] or ("inline image" if details["has_inline_image"] else "-")
+    echo(f"source       {source}")
+    echo(f"status       {details['status']} (attempts {details['attempts']})")
+    if details["error"]:
+        echo(f"error        {details['error']}")
+    echo(f"created      {_cell(details['created_at'])}   finished {_cell(details['finished_at'])}")
+    echo(f"sha256       {details['sha256'] or '-'}")
+    echo(f"pdq hash     {details['phash'] or '-'} (quality {_cell(details['phash_quality'])})")
+    if details["model"] is None:
+        return
+    echo(
+        f"verdict      {details['verdict']}   score {details['score']:.3f}"
+        f"   threshold {details['threshold']:.3f}   decided by {details['decided_by']}"
+    )
+    if details["reviewed_verdict"]:
+        echo(
+            f"             (model said {details['model_verdict']}; "
+            f"a reviewer set {details['reviewed_verdict']})"
+        )
+    echo(f"model        {details['model']}")
+    family = ", ".join(
+        f"{name} {score:.3f}" for name, score in sorted((details["family_scores"] or {}).items())
+    )
+    echo(f"families     {family or '-'}")
+    for reason in details["reasons"]:
+        echo(f"reason       {reason}")
+    echo("evidence")
+    for group, data in sorted(details["evidence"].items()):
+        echo(f"  {group}")
+        if not isinstance(data, dict) or not data:
+            echo(f"    {_describe_value(data)}")
+            continue
+        width = max(len(str(key)) for key in data)
+        for key, value in data.items():
+            echo(f"    {str(key).ljust(width)}  {_describe_value(value)}")
+    for review in details["reviews"]:
+        echo(
+            f"review       {_cell(review['created_at'])} {review['reviewer']}: "
+            f"{review['previous_verdict']} -> {review['new_verdict']} {review['note'] or ''}".rstrip()
+        )
+
+
+@click.command()
+@click.argument("check_id")
+@db_option
+@format_option
+def show(check_id: str, database: str | None, output_format: str) -> None:
+    """Show one check with its verdict and all its evidence."""
+    try:
+        parsed = uuid.UUID(check_id)
+    except ValueError:
+        raise click.BadParameter("not a check id (UUID)", param_hint="CHECK_ID") from None
+    settings = cli_settings(database)
+    factory = open_database(settings, migrate=False)
+    with session_scope(factory) as session:
+        check = get_check(session, parsed)
+        if check is None:
+            raise click.ClickException(f"no check {parsed}")
+        details = check_details(check)
+    if output_format == "json":
+        click.echo(json.dumps(details, indent=2, default=_json_default))
+    else:
+        _print_details(details)
+
+
+def register(group: click.Group) -> None:
+    """Add the pipeline commands to the ``synthguard`` group."""
+    for command in (scan, demo, worker, enqueue, db, verdicts, checks, show):
+        group.add_command(command)
+
+
+__all__ = ["create_check_for", "expand_inputs", "register", "scan_inputs", "write_demo_images"]
