@@ -1,0 +1,203 @@
+"""The reconciler against real PostgreSQL and Redis (no worker needed: it talks to both directly).
+
+Time is moved by passing ``now`` instead of sleeping: rows look ``reconcile_after_s`` old without waiting.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.base import utcnow
+from db.queries import get_or_create_check
+from db.session import session_scope
+from db.tables import Check
+from worker.reconcile import ids_waiting_in_broker, reconcile_interval_s, reconcile_once
+from worker.settings import Settings
+from worker.tasks import PROCESS_CHECKS_TASK
+
+
+@pytest.fixture
+def broker(settings: Settings) -> redis.Redis:
+    client = redis.Redis.from_url(settings.broker_url)
+    client.delete(settings.queue_name)
+    yield client
+    client.delete(settings.queue_name)
+    client.close()
+
+
+def queued_ids(client: redis.Redis, queue: str) -> list[list[str]]:
+    """check_ids of each process_checks message waiting in ``queue``, oldest first."""
+    batches = []
+    for raw in reversed(client.lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == PROCESS_CHECKS_TASK
+        assert message["content-type"] == "application/json"
+        body = json.loads(base64.b64decode(message["body"]))
+        batches.append(body[1]["check_ids"])
+    return batches
+
+
+def make_check(
+    factory: sessionmaker[Session],
+    *,
+    status: str = "queued",
+    attempts: int = 0,
+    age_s: float = 0.0,
+    error: str | None = None,
+) -> uuid.UUID:
+    with session_scope(factory) as session:
+        check, _ = get_or_create_check(
+            session,
+            client="reconcile-test",
+            external_id=uuid.uuid4().hex,
+            source_url="http://127.0.0.1:9/never-fetched.png",
+        )
+        check_id = check.id
+    with session_scope(factory) as session:
+        # A plain UPDATE: the ORM's onupdate would overwrite the back-dated updated_at.
+        session.execute(
+            sa.update(Check)
+            .where(Check.id == check_id)
+            .values(
+                status=status,
+                attempts=attempts,
+                error=error,
+                updated_at=utcnow() - timedelta(seconds=age_s),
+            )
+        )
+    return check_id
+
+
+def row(factory: sessionmaker[Session], check_id: uuid.UUID) -> Check:
+    with session_scope(factory) as session:
+        check = session.get(Check, check_id)
+        assert check is not None
+        session.expunge(check)
+        return check
+
+
+def later(settings: Settings, factor: float = 2.0) -> datetime:
+    return utcnow() + timedelta(seconds=settings.reconcile_after_s * factor)
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_stuck_checks_are_requeued_once_per_window(
+    celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
+) -> None:
+    stuck_processing = make_check(pg_session_factory, status="processing", attempts=1)
+    stuck_queued = make_check(pg_session_factory, status="queued")
+    now = later(settings)
+
+    result = reconcile_once(celery_app, pg_session_factory, settings, now=now)
+
+    assert sorted(result.requeued) == sorted([stuck_processing, stuck_queued])
+    assert result.dead_lettered == []
+    sent = [check_id for batch in queued_ids(broker, settings.queue_name) for check_id in batch]
+    assert sorted(sent) == sorted(str(i) for i in (stuck_processing, stuck_queued))
+    assert row(pg_session_factory, stuck_processing).status == "processing"  # left for claim() to take again
+
+    # Same moment again: updated_at was bumped, and the queued one is now waiting in the broker anyway.
+    again = reconcile_once(celery_app, pg_session_factory, settings, now=now)
+    assert again.requeued == []
+    assert len(queued_ids(broker, settings.queue_name)) == result.messages
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_fresh_and_finished_checks_are_left_alone(
+    celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
+) -> None:
+    make_check(pg_session_factory, status="queued")
+    make_check(pg_session_factory, status="processing", attempts=1)
+    old = settings.reconcile_after_s * 10
+    make_check(pg_session_factory, status="done", attempts=1, age_s=old)
+    make_check(pg_session_factory, status="failed", attempts=1, age_s=old)
+
+    result = reconcile_once(celery_app, pg_session_factory, settings)  # now: the fresh ones are not stuck
+
+    assert result.requeued == []
+    assert broker.llen(settings.queue_name) == 0
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_exhausted_checks_are_dead_lettered_not_requeued(
+    celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
+) -> None:
+    poison = make_check(pg_session_factory, status="processing", attempts=settings.max_attempts)
+    healthy = make_check(pg_session_factory, status="processing", attempts=settings.max_attempts - 1)
+
+    result = reconcile_once(celery_app, pg_session_factory, settings, now=later(settings))
+
+    assert result.dead_lettered == [poison]
+    assert result.requeued == [healthy]
+    dead = row(pg_session_factory, poison)
+    assert dead.status == "failed"
+    assert dead.error is not None
+    assert "dead-lettered" in dead.error
+    assert str(settings.max_attempts) in dead.error
+    assert queued_ids(broker, settings.queue_name) == [[str(healthy)]]
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_queued_check_still_waiting_in_the_broker_is_not_duplicated(
+    celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
+) -> None:
+    in_queue = make_check(pg_session_factory, status="queued")
+    lost = make_check(pg_session_factory, status="queued")
+    celery_app.send_task(PROCESS_CHECKS_TASK, kwargs={"check_ids": [str(in_queue)]})
+    assert ids_waiting_in_broker(settings) == {str(in_queue)}
+
+    result = reconcile_once(celery_app, pg_session_factory, settings, now=later(settings))
+
+    assert result.requeued == [lost]
+    assert result.left_in_broker == 1
+    assert queued_ids(broker, settings.queue_name) == [[str(in_queue)], [str(lost)]]
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_check_waiting_for_a_fetch_retry_gets_the_backoff_as_grace(
+    celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
+) -> None:
+    retrying = make_check(pg_session_factory, status="queued", error="fetch failed, will retry: HTTP 503")
+    grace = settings.reconcile_after_s + settings.retry_backoff_max_s
+
+    soon = utcnow() + timedelta(seconds=settings.reconcile_after_s + 0.5 * settings.retry_backoff_max_s)
+    assert reconcile_once(celery_app, pg_session_factory, settings, now=soon).requeued == []
+
+    late = utcnow() + timedelta(seconds=grace + 1)
+    assert reconcile_once(celery_app, pg_session_factory, settings, now=late).requeued == [retrying]
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_broker_down_rolls_back_so_the_next_pass_retries(
+    pg_session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    from worker.app import create_celery_app
+
+    # Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})
+    app = create_celery_app(down)
+    app.conf.broker_connection_retry = False
+    app.conf.broker_connection_max_retries = 0
+    app.conf.broker_transport_options = {"max_retries": 0}
+    stuck = make_check(pg_session_factory, status="processing", attempts=1)
+    before = row(pg_session_factory, stuck).updated_at
+
+    with pytest.raises(Exception, match=r"(?i)connect|refused|Error"):
+        reconcile_once(app, pg_session_factory, down, now=later(settings))
+
+    assert row(pg_session_factory, stuck).updated_at == before  # not marked: found again next pass
+
+
+def test_interval_is_a_quarter_of_the_threshold_within_bounds(settings: Settings) -> None:
+    assert reconcile_interval_s(settings.model_copy(update={"reconcile_after_s": 120.0})) == 30.0
+    assert reconcile_interval_s(settings.model_copy(update={"reconcile_after_s": 2.0})) == 1.0
+    assert reconcile_interval_s(settings.model_copy(update={"reconcile_after_s": 3600.0})) == 60.0
