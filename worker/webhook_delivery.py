@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
@@ -38,6 +39,7 @@ from worker.webhooks import (
     SecretError,
     SendResult,
     generate_secret,
+    make_webhook_client,
     send_webhook,
     webhook_headers,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "active_secrets",
     "claim_delivery",
     "client_secrets",
+    "deliver_now",
     "deliver_once",
     "due_delivery_ids",
     "redeliver",
@@ -263,6 +266,22 @@ def deliver_once(
     headers = webhook_headers(prepared.secrets, prepared.message_id, prepared.body)
     result = send_webhook(http_client, prepared.url, prepared.body, headers, timeout_s=config.timeout_s)
     return _record(session_factory, delivery_id, result, config)
+
+
+def deliver_now(
+    session_factory: sessionmaker[Session], settings: Settings, delivery_ids: Sequence[uuid.UUID]
+) -> list[DeliveryStep]:
+    """One attempt at each delivery from this process, without a broker (``synthguard scan``, the CLI).
+
+    Retries that come due later stay pending in the database for a worker's sweep (or the next call).
+    Needs ``settings.secret_key``; raises SettingsError without it.
+    """
+    if not delivery_ids:
+        return []
+    cipher = SecretCipher(settings.require_secret_key())
+    config = DeliveryConfig.from_settings(settings)
+    with make_webhook_client(settings.allow_private_hosts, settings.webhook_timeout_s) as client:
+        return [deliver_once(session_factory, key, client, cipher, config) for key in delivery_ids]
 
 
 def _record(

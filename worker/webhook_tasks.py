@@ -83,11 +83,9 @@ def deliver_webhook(self: Task[Any, Any], delivery_id: str) -> str:
         DeliveryConfig.from_settings(settings),
     )
     log.info("webhook delivery %s: %s (%s)", key, step.status, step.detail or "ok")
-    if (
-        step.status == "pending"
-        and step.retry_in_s is not None
-        and step.retry_in_s <= settings.webhook_eta_max_s
-    ):
+    # Never hold an ETA message longer than half the broker's visibility timeout (Redis would redeliver it).
+    eta_limit = min(settings.webhook_eta_max_s, settings.broker_visibility_timeout_s / 2)
+    if step.status == "pending" and step.retry_in_s is not None and step.retry_in_s <= eta_limit:
         _enqueue(self.app, str(key), countdown=step.retry_in_s)
     return step.status
 

@@ -25,7 +25,7 @@ from tests.worker.webhook_helpers import (
     run_receiver,
 )
 from worker import outbox
-from worker.webhook_delivery import redeliver
+from worker.webhook_delivery import deliver_now, redeliver
 from worker.webhook_endpoints import (
     create_endpoint,
     reveal_client_secret,
@@ -329,3 +329,62 @@ def test_flag_rule_agrees_with_db_queries(pg_session_factory):
                     assert outbox.is_flagged(row.verdict, row.score, client) == queries.is_flagged(
                         check, row, client
                     )
+
+
+def test_state_machine_on_sqlite(sqlite_url, settings, receiver):
+    """The embedded default: the same outbox, claim, retry and sweep queries on a SQLite file."""
+    from db.session import make_engine, make_session_factory
+    from worker.webhook_delivery import due_delivery_ids
+
+    script = Script((503, {}), (200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    engine = make_engine(sqlite_url)
+    try:
+        factory = make_session_factory(engine)
+        lite = fast_settings(settings, database_url=sqlite_url)
+        endpoint_id, secret = _endpoint(factory, lite, receiver.url_for("/hook"))
+        _, ids = _flag(factory)
+        with session_scope(factory) as session:
+            assert due_delivery_ids(session, now=utcnow(), grace_s=0) == ids
+        first = deliver_now(factory, lite, ids)
+        assert [s.status for s in first] == ["pending"]
+        # Not due yet: the call claims nothing and sends nothing; once due, it is sent.
+        with session_scope(factory) as session:
+            due_at = utcnow() + timedelta(seconds=60)
+            session.get_one(WebhookDelivery, ids[0]).next_attempt_at = due_at
+        assert [s.status for s in deliver_now(factory, lite, ids)] == ["skipped"]
+        assert len(script.requests) == 1
+        with session_scope(factory) as session:
+            assert due_delivery_ids(session, now=utcnow(), grace_s=0) == []
+            session.get_one(WebhookDelivery, ids[0]).next_attempt_at = utcnow()
+        steps = drive(factory, ids[0], lite)
+        assert steps[-1].status == "succeeded"
+        delivery = load_delivery(factory, ids[0])
+        assert [a.outcome for a in delivery.attempts] == ["retry", "succeeded"]
+        assert delivery.endpoint_id == endpoint_id
+        headers, body = script.requests[-1]
+        Webhook(secret).verify(body, headers)
+    finally:
+        engine.dispose()
+
+
+def test_only_one_worker_can_claim_a_delivery(pg_session_factory, fast, receiver):
+    from worker.webhook_delivery import claim_delivery
+
+    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    _, ids = _flag(pg_session_factory)
+    now = utcnow()
+    with session_scope(pg_session_factory) as session:
+        assert claim_delivery(session, ids[0], now=now, lease_s=60)
+    with session_scope(pg_session_factory) as session:
+        assert not claim_delivery(session, ids[0], now=now, lease_s=60)
+        # A leased row is not swept either; once the lease has expired (worker died mid-send), it is.
+        assert due_delivery_ids_now(session, grace_s=0) == []
+        assert due_delivery_ids_now(session, grace_s=0, later_s=120) == ids
+        assert claim_delivery(session, ids[0], now=now + timedelta(seconds=120), lease_s=60)
+
+
+def due_delivery_ids_now(session, *, grace_s, later_s=0.0):
+    from worker.webhook_delivery import due_delivery_ids
+
+    return due_delivery_ids(session, now=utcnow() + timedelta(seconds=later_s), grace_s=grace_s)

@@ -27,10 +27,9 @@ from worker import netguard
 from worker.settings import Settings, SettingsError, load_settings
 from worker.webhook_delivery import (
     DELIVER_WEBHOOK_TASK,
-    DeliveryConfig,
     DeliveryStep,
     as_utc,
-    deliver_once,
+    deliver_now,
     redeliver,
     redeliver_failed_since,
 )
@@ -44,7 +43,7 @@ from worker.webhook_endpoints import (
     rotate_endpoint_secret,
     set_endpoint_enabled,
 )
-from worker.webhooks import EVENT_TYPES, SecretCipher, SecretError, make_webhook_client
+from worker.webhooks import EVENT_TYPES, SecretCipher, SecretError
 
 __all__ = ["register"]
 
@@ -175,10 +174,8 @@ def _enqueue(settings: Settings, delivery_ids: Sequence[uuid.UUID]) -> None:
 
 def _send_here(factory: sessionmaker[Session], settings: Settings, delivery_id: uuid.UUID) -> DeliveryStep:
     """One attempt from this process (``test`` and ``redeliver --here``); retries are left to the workers."""
-    with make_webhook_client(settings.allow_private_hosts, settings.webhook_timeout_s) as client:
-        return deliver_once(
-            factory, delivery_id, client, _cipher(settings), DeliveryConfig.from_settings(settings)
-        )
+    _cipher(settings)  # a missing secret key ends the command with one clear line
+    return deliver_now(factory, settings, [delivery_id])[0]
 
 
 def _parse_id(value: str, what: str) -> uuid.UUID:
