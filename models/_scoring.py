@@ -1,0 +1,202 @@
+"""Shared by inference and training: crops -> CNN logits per image, and the fusion into one calibrated score.
+
+Keeping this in one place means the numbers the training script calibrates on are computed by exactly the code
+the detector runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from models.nets import ResidualNet, generated_logit
+from models.preprocess import native_crops
+
+FloatArray = NDArray[np.float32]
+
+#: Standardised evidence features are clipped to this many standard deviations.
+Z_CLIP = 4.0
+
+
+def crop_tensor(
+    rgb: FloatArray, size: int, max_crops: int, grid_offset: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """Deterministic lattice-aligned native crops of an HxWx3 float image as (K, 3, S, S); never resized.
+
+    Raises:
+        ImageTooSmallError: a side is shorter than `models.preprocess.MIN_SIDE`.
+    """
+    crops = native_crops(rgb, size, max_crops, grid_offset=grid_offset)
+    stacked = np.stack([np.ascontiguousarray(c) for c in crops]).astype(np.float32, copy=False)
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class CnnOutput:
+    """Per-image CNN result: mean per-crop generated logit, its spread, and mean family probabilities."""
+
+    logit: float
+    crop_logit_std: float
+    crops: int
+    family_probs: tuple[float, float, float]
+
+
+@torch.inference_mode()
+def cnn_outputs(
+    net: ResidualNet,
+    per_image_crops: Sequence[torch.Tensor],
+    device: torch.device,
+    batch_size: int = 256,
+    half: bool = False,
+) -> list[CnnOutput]:
+    """Run all crops of all images through `net` in batches, then aggregate per image.
+
+    The crops of many images share batches, which is what makes the GPU path fast.
+    """
+    if not per_image_crops:
+        return []
+    counts = [int(c.shape[0]) for c in per_image_crops]
+    everything = torch.cat(list(per_image_crops), dim=0)
+    logits: list[torch.Tensor] = []
+    for start in range(0, everything.shape[0], batch_size):
+        chunk = everything[start : start + batch_size].to(device, non_blocking=True)
+        if half:
+            chunk = chunk.half()
+        logits.append(net(chunk).float().cpu())
+    all_logits = torch.cat(logits)
+    gen = generated_logit(all_logits)
+    probs = torch.softmax(all_logits, dim=1)
+    outputs: list[CnnOutput] = []
+    offset = 0
+    for count in counts:
+        g = gen[offset : offset + count]
+        p = probs[offset : offset + count].mean(dim=0)
+        outputs.append(
+            CnnOutput(
+                logit=float(g.mean()),
+                crop_logit_std=float(g.std()) if count > 1 else 0.0,
+                crops=count,
+                family_probs=(float(p[0]), float(p[1]), float(p[2])),
+            )
+        )
+        offset += count
+    return outputs
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Logistic fusion: logit = cnn_weight * cnn_logit + weights . z(features) + bias; score = sigmoid(logit).
+
+    `z` standardises each evidence feature with the calibration set's mean and std; a missing (non-finite)
+    feature contributes 0, its value at the mean.
+    """
+
+    feature_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights: tuple[float, ...]
+    cnn_weight: float
+    bias: float
+
+    def standardise(self, features: FloatArray | None) -> FloatArray:
+        if not self.feature_names:
+            return np.zeros(0, dtype=np.float32)
+        if features is None:
+            return np.zeros(len(self.feature_names), dtype=np.float32)
+        values = np.asarray(features, dtype=np.float64)
+        z = (values - np.asarray(self.mean)) / np.asarray(self.std)
+        # Clipped: a flat or synthetic image can sit hundreds of standard deviations out, where a linear term
+        # would extrapolate to absurd certainty.
+        return np.clip(np.where(np.isfinite(z), z, 0.0), -Z_CLIP, Z_CLIP).astype(np.float32)
+
+    def contributions(self, cnn_logit: float, features: FloatArray | None) -> dict[str, float]:
+        """Additive terms of the fused logit, so a reviewer sees what pushed the score."""
+        z = self.standardise(features)
+        terms = {"cnn": self.cnn_weight * cnn_logit, "bias": self.bias}
+        for name, weight, value in zip(self.feature_names, self.weights, z, strict=True):
+            terms[name] = float(weight * value)
+        return terms
+
+    def logit(self, cnn_logit: float, features: FloatArray | None) -> float:
+        return float(sum(self.contributions(cnn_logit, features).values()))
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "feature_names": list(self.feature_names),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "weights": list(self.weights),
+            "cnn_weight": self.cnn_weight,
+            "bias": self.bias,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Fusion:
+        return cls(
+            feature_names=tuple(str(n) for n in state["feature_names"]),
+            mean=tuple(float(v) for v in state["mean"]),
+            std=tuple(float(v) for v in state["std"]),
+            weights=tuple(float(v) for v in state["weights"]),
+            cnn_weight=float(state["cnn_weight"]),
+            bias=float(state["bias"]),
+        )
+
+
+def fit_fusion(
+    cnn_logits: FloatArray,
+    features: FloatArray | None,
+    labels: NDArray[np.int64],
+    feature_names: Sequence[str],
+    l2: float = 1.0,
+) -> Fusion:
+    """L2-regularised logistic regression of labels (1 = generated) on [cnn_logit, z(features)].
+
+    The CNN weight is not penalised (it is the main signal); the evidence weights are, so that a feature the
+    calibration set cannot support stays near zero.
+    """
+    n_features = 0 if features is None else features.shape[1]
+    if features is not None and n_features:
+        raw = features.astype(np.float64)
+        finite = np.isfinite(raw)
+        mean = np.array(
+            [raw[finite[:, j], j].mean() if finite[:, j].any() else 0.0 for j in range(n_features)]
+        )
+        std = np.array([raw[finite[:, j], j].std() if finite[:, j].any() else 1.0 for j in range(n_features)])
+        std = np.where(std > 1e-12, std, 1.0)
+        z = np.clip(np.where(finite, (raw - mean) / std, 0.0), -Z_CLIP, Z_CLIP)
+    else:
+        mean = std = np.zeros(0)
+        z = np.zeros((len(labels), 0))
+    x = torch.from_numpy(np.column_stack([cnn_logits.astype(np.float64), z]))
+    y = torch.from_numpy(labels.astype(np.float64))
+    coef = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    coef.data[0] = 1.0
+    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([coef, bias], max_iter=500, line_search_fn="strong_wolfe")
+    # Class-balanced loss: the calibration set's class ratio is an accident of the manifest.
+    positive = float(y.mean())
+    sample_weight = torch.where(y > 0.5, 0.5 / max(positive, 1e-6), 0.5 / max(1 - positive, 1e-6))
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        logits = x @ coef + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=sample_weight)
+        loss = loss + l2 * (coef[1:] ** 2).sum() / len(y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    optimiser.step(closure)  # type: ignore[no-untyped-call]
+    values = coef.detach().numpy()
+    return Fusion(
+        feature_names=tuple(feature_names) if n_features else (),
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        weights=tuple(float(v) for v in values[1:]),
+        cnn_weight=float(values[0]),
+        bias=float(bias.detach()[0]),
+    )

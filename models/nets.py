@@ -1,0 +1,100 @@
+"""The learned part of the detector: a small residual CNN that reads fixed-size native-resolution crops.
+
+The network sees two views of each crop: the pixels themselves (centred) and a high-pass residual (pixel minus
+the mean of its 3x3 neighbourhood), where generator traces live and image content mostly does not. After one
+full-resolution convolution, a pixel-unshuffle by 4 turns every 4x4 cell into channels: nothing is thrown away
+(unlike strided pooling), and an 8-pixel periodicity (JPEG blocks, 8x latent decoders) becomes a 2-cell
+pattern
+whose phase is carried in channels, which small 3x3 convolutions can then compare cheaply on a CPU.
+
+The head has three classes, `FAMILIES` = real, diffusion, gan; P(generated) is 1 - P(real).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional name
+from torch import nn
+
+FAMILIES = ("real", "diffusion", "gan")
+
+#: The residual is small next to the pixels; this gain puts both inputs on a similar scale.
+RESIDUAL_GAIN = 8.0
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Shape of `ResidualNet`; saved in the weights file so a file always rebuilds its own network."""
+
+    stem_channels: int = 16
+    width: int = 64
+    unshuffle: int = 4
+    blocks: int = 2
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetConfig:
+        return cls(**{key: int(value) for key, value in data.items()})
+
+
+def high_pass(x: torch.Tensor) -> torch.Tensor:
+    """Pixel minus the mean of its 3x3 neighbourhood (reflect padding), per channel."""
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    return x - F.avg_pool2d(padded, kernel_size=3, stride=1)
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus identity, then ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(h)))
+
+
+class ResidualNet(nn.Module):
+    """Crops (N, 3, S, S) in [0, 1] -> logits (N, len(FAMILIES)). S must be a multiple of 8 (64 by
+    default).
+    """
+
+    def __init__(self, config: NetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or NetConfig()
+        cfg = self.config
+        self.stem = nn.Conv2d(6, cfg.stem_channels, 3, padding=1)
+        self.project = nn.Conv2d(cfg.stem_channels * cfg.unshuffle**2, cfg.width, 1)
+        self.stage1 = nn.Sequential(*[ResidualBlock(cfg.width) for _ in range(cfg.blocks)])
+        self.down = nn.Conv2d(cfg.width, 2 * cfg.width, 3, stride=2, padding=1, bias=False)
+        self.down_bn = nn.BatchNorm2d(2 * cfg.width)
+        self.stage2 = nn.Sequential(*[ResidualBlock(2 * cfg.width) for _ in range(cfg.blocks)])
+        # Mean and max pooling: a trace may cover the whole crop (a decoder grid) or a small part of it.
+        self.head = nn.Linear(4 * cfg.width, len(FAMILIES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([x - 0.5, high_pass(x) * RESIDUAL_GAIN], dim=1)
+        h = F.relu(self.stem(features))
+        h = F.pixel_unshuffle(h, self.config.unshuffle)
+        h = F.relu(self.project(h))
+        h = self.stage1(h)
+        h = F.relu(self.down_bn(self.down(h)))
+        h = self.stage2(h)
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        logits: torch.Tensor = self.head(pooled)
+        return logits
+
+
+def generated_logit(logits: torch.Tensor) -> torch.Tensor:
+    """log P(generated) - log P(real) from 3-class logits, computed stably."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    return torch.logsumexp(log_probs[:, 1:], dim=1) - log_probs[:, 0]

@@ -1,0 +1,461 @@
+"""Train the detector from a labelled manifest: `synthguard train MANIFEST --out DIR`.
+
+Recipe (the reasons are in MODEL_CARD.md):
+1. Decode every image once into a uint8 pixel cache (`runs/cache/`), optionally add taef2 reconstructions
+   of the
+   real training photos as extra "generated" images with the same content.
+2. Hold out a calibration split (a fixed fraction of every source) that the CNN never trains on.
+3. Train `ResidualNet` on random 64x64 native crops, balanced between the classes. Every augmentation is drawn
+   the same way for both classes, so no class can be recognised by how it was stored:
+   - crop offsets on the 8-pixel lattice (most of the time), so the newest JPEG block grid has the same
+     phase in
+     every crop and in every crop the detector reads later; a minority of crops start off-lattice, so an
+     older,
+     misaligned JPEG grid (a cropped-then-resaved photo) is seen in both classes too;
+   - lossless sources (PNG, reconstructions) get a JPEG "history" with the probability that web images have
+     one,
+     applied by file format whatever the class, so that "never compressed" is not a proxy for "generated";
+   - then a random final JPEG re-compression (random quality, sometimes none) and a random horizontal flip.
+   Image size, aspect ratio, file format and metadata never reach the network: it only sees fixed-size crops.
+4. Fit the fusion (CNN logit + hand-made evidence features -> calibrated score) by logistic regression on the
+   calibration split under the three evaluation conditions, then set the thresholds from the calibration REAL
+   images only: "generated" at their 99th percentile score, "uncertain" from their 95th percentile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional name
+from numpy.typing import NDArray
+from PIL import Image
+
+from models._scoring import Fusion, cnn_outputs, crop_tensor, fit_fusion
+from models.data import (
+    CONDITIONS,
+    LOSSLESS_FORMATS,
+    ManifestError,
+    ManifestRow,
+    apply_condition,
+    build_pixel_cache,
+    read_manifest,
+    to_uint8,
+)
+from models.nets import FAMILIES, NetConfig, ResidualNet
+from models.preprocess import CROP_ALIGN
+
+WEIGHTS_FORMAT = "synthguard-weights/1"
+CROP_SIZE = 64
+DEFAULT_MAX_CROPS = 16
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Probabilities and ranges of the augmentations; identical for both classes."""
+
+    lossless_history_p: float = 0.7
+    history_quality: tuple[int, int] = (70, 100)
+    final_jpeg_p: float = 0.65
+    final_quality: tuple[int, int] = (60, 100)
+    off_lattice_p: float = 0.15
+    flip_p: float = 0.5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (saved into the weights file)."""
+
+    steps: int = 3000
+    max_minutes: float = 55.0
+    seed: int = 0
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    crop_size: int = CROP_SIZE
+    max_crops: int = DEFAULT_MAX_CROPS
+    calibration_fraction: float = 0.15
+    reconstruction_share: float = 0.3
+    reconstruction_side: int = 192
+    exclude_sources: tuple[str, ...] = ()
+    exclude_paths: tuple[str, ...] = ()
+    net: NetConfig = field(default_factory=NetConfig)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    threads: int = 2
+
+
+@dataclass
+class Sample:
+    """One training image: pixels, class family, and whether its storage was lossless."""
+
+    pixels: NDArray[np.uint8]
+    family: int
+    lossless: bool
+    is_reconstruction: bool = False
+
+
+def _jpeg(pixels: NDArray[np.uint8], quality: int) -> NDArray[np.uint8]:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("RGB"))
+
+
+def augmented_crop(
+    sample: Sample, size: int, aug: Augmentation, rng: np.random.Generator
+) -> NDArray[np.uint8]:
+    """One training crop; see the module docstring for why each step is there."""
+    pixels = sample.pixels
+    height, width = pixels.shape[:2]
+    step = 1 if rng.random() < aug.off_lattice_p else CROP_ALIGN
+    top = step * int(rng.integers(0, (height - size) // step + 1))
+    left = step * int(rng.integers(0, (width - size) // step + 1))
+    crop = np.ascontiguousarray(pixels[top : top + size, left : left + size])
+    if rng.random() < aug.flip_p:
+        crop = np.ascontiguousarray(crop[:, ::-1])
+    if sample.lossless and rng.random() < aug.lossless_history_p:
+        crop = _jpeg(crop, int(rng.integers(aug.history_quality[0], aug.history_quality[1] + 1)))
+    if rng.random() < aug.final_jpeg_p:
+        crop = _jpeg(crop, int(rng.integers(aug.final_quality[0], aug.final_quality[1] + 1)))
+    return crop
+
+
+def split_calibration(rows: Sequence[ManifestRow], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, calibration): `fraction` of every source, drawn with `seed`, goes to calibration."""
+    rng = np.random.default_rng(seed + 7919)
+    by_source: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_source.setdefault(row.source, []).append(index)
+    train: list[int] = []
+    calibration: list[int] = []
+    for source in sorted(by_source):
+        members = by_source[source]
+        order = rng.permutation(len(members))
+        n_cal = round(len(members) * fraction)
+        calibration += [members[i] for i in order[:n_cal]]
+        train += [members[i] for i in order[n_cal:]]
+    return sorted(train), sorted(calibration)
+
+
+def reconstructions(
+    pixels: Sequence[NDArray[np.uint8]],
+    keys: Sequence[str],
+    *,
+    taef2_dir: Path,
+    side: int,
+    cache_path: Path,
+    log: Log,
+) -> list[NDArray[np.uint8]]:
+    """taef2 encode->decode of a centred crop (at most `side`, multiple of 8) of each image, cached by key."""
+    from models.taef2 import TinyAutoencoder  # noqa: PLC0415 - only training needs the autoencoder
+
+    cached: dict[str, NDArray[np.uint8]] = {}
+    if cache_path.is_file():
+        stored = torch.load(cache_path, weights_only=True)
+        cached = {key: tensor.numpy() for key, tensor in stored.items()}
+    missing = [i for i, key in enumerate(keys) if key not in cached]
+    if missing:
+        model = TinyAutoencoder.from_dir(taef2_dir)
+        log(f"reconstructing {len(missing)} real images through taef2 (cached in {cache_path})")
+        for done, index in enumerate(missing, start=1):
+            image = pixels[index]
+            height, width = image.shape[:2]
+            crop_h, crop_w = min(side, height) // 8 * 8, min(side, width) // 8 * 8
+            top, left = (height - crop_h) // 2, (width - crop_w) // 2
+            crop = image[top : top + crop_h, left : left + crop_w]
+            x = torch.from_numpy(crop.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+            y = model.reconstruct(x)[0].permute(1, 2, 0).numpy()
+            cached[keys[index]] = to_uint8(y)
+            if done % 100 == 0:
+                log(f"  {done}/{len(missing)}")
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({key: torch.from_numpy(value) for key, value in cached.items()}, cache_path)
+    return [cached[key] for key in keys]
+
+
+def _batch(
+    samples: Sequence[Sample],
+    *,
+    pools: Sequence[Sequence[int]],
+    pool_weights: Sequence[float],
+    size: int,
+    batch_size: int,
+    aug: Augmentation,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    crops = np.empty((batch_size, size, size, 3), dtype=np.uint8)
+    labels = np.empty(batch_size, dtype=np.int64)
+    for i in range(batch_size):
+        pool = pools[int(rng.choice(len(pools), p=pool_weights))]
+        sample = samples[pool[int(rng.integers(0, len(pool)))]]
+        crops[i] = augmented_crop(sample, size, aug, rng)
+        labels[i] = sample.family
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
+    return x, torch.from_numpy(labels)
+
+
+def train_net(
+    samples: Sequence[Sample],
+    config: TrainConfig,
+    log: Log,
+) -> ResidualNet:
+    """Train the CNN on `samples` for `config.steps` steps (or until `max_minutes`), cosine learning rate."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    usable = [i for i, s in enumerate(samples) if min(s.pixels.shape[:2]) >= config.crop_size]
+    reals = [i for i in usable if samples[i].family == 0]
+    fakes = [i for i in usable if samples[i].family != 0 and not samples[i].is_reconstruction]
+    recons = [i for i in usable if samples[i].is_reconstruction]
+    if not reals or not (fakes or recons):
+        raise ManifestError("training needs at least one real and one generated image of at least 64 px")
+    pools: list[list[int]] = [reals]
+    weights = [0.5]
+    if fakes and recons:
+        pools += [fakes, recons]
+        weights += [0.5 * (1 - config.reconstruction_share), 0.5 * config.reconstruction_share]
+    else:
+        pools.append(fakes or recons)
+        weights.append(0.5)
+    net = ResidualNet(config.net)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    started = time.monotonic()
+    net.train()
+    running = 0.0
+    for step in range(config.steps):
+        lr = config.learning_rate * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        x, y = _batch(
+            samples,
+            pools=pools,
+            pool_weights=weights,
+            size=config.crop_size,
+            batch_size=config.batch_size,
+            aug=config.augmentation,
+            rng=rng,
+        )
+        loss = F.cross_entropy(net(x), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimiser.step()
+        value = loss.item()
+        running = 0.98 * running + 0.02 * value if step else value
+        elapsed = time.monotonic() - started
+        if step % 100 == 0 or step == config.steps - 1:
+            log(f"step {step}/{config.steps} loss {running:.4f} lr {lr:.2e} {elapsed / 60:.1f} min")
+        if elapsed > config.max_minutes * 60:
+            log(f"stopping at step {step}: the {config.max_minutes} min budget is spent")
+            break
+    return net.eval()
+
+
+def _rgb_float(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
+def condition_inputs(
+    pixels: NDArray[np.uint8], condition: str, crop_size: int, max_crops: int
+) -> tuple[torch.Tensor, NDArray[np.float32]]:
+    """Crops and evidence features of one cached image under an evaluation condition."""
+    from models.detector import evidence_vector  # noqa: PLC0415 - avoids an import cycle at module load
+
+    image = apply_condition(_rgb_float(pixels), condition)  # type: ignore[arg-type]
+    rgb = _rgb_float(np.asarray(image.convert("RGB")))
+    return crop_tensor(rgb, crop_size, max_crops), evidence_vector(rgb)[1]
+
+
+def calibrate(
+    net: ResidualNet,
+    pixels: Sequence[NDArray[np.uint8]],
+    labels: Sequence[int],
+    config: TrainConfig,
+    log: Log,
+) -> tuple[Fusion, dict[str, float], dict[str, Any]]:
+    """Fit the fusion on the calibration images under every condition; thresholds from their real images
+    only.
+    """
+    from models.evidence import FEATURE_NAMES  # noqa: PLC0415
+
+    crops: list[torch.Tensor] = []
+    features: list[NDArray[np.float32]] = []
+    y: list[int] = []
+    for image, label in zip(pixels, labels, strict=True):
+        if min(image.shape[:2]) < config.crop_size:
+            continue
+        for condition in CONDITIONS:
+            crop, feature = condition_inputs(image, condition, config.crop_size, config.max_crops)
+            crops.append(crop)
+            features.append(feature)
+            y.append(label)
+    outputs = cnn_outputs(net, crops, torch.device("cpu"))
+    cnn = np.array([o.logit for o in outputs], dtype=np.float32)
+    labels_arr = np.array(y, dtype=np.int64)
+    fusion = fit_fusion(cnn, np.stack(features), labels_arr, FEATURE_NAMES)
+    fused = np.array([fusion.logit(c, f) for c, f in zip(cnn, features, strict=True)])
+    scores = 1.0 / (1.0 + np.exp(-fused))
+    real_scores = scores[labels_arr == 0]
+    thresholds = {
+        "generated": float(np.quantile(real_scores, 0.99)),
+        "uncertain": float(np.quantile(real_scores, 0.95)),
+    }
+    stats = {
+        "calibration_images": len(y) // len(CONDITIONS),
+        "calibration_reals": int((labels_arr == 0).sum()) // len(CONDITIONS),
+        "cnn_auc": roc_auc(labels_arr, cnn),
+        "fused_auc": roc_auc(labels_arr, fused),
+    }
+    log(f"calibration: {stats}; thresholds {thresholds}")
+    return fusion, thresholds, stats
+
+
+def roc_auc(labels: NDArray[np.int64], scores: NDArray[Any]) -> float:
+    """Mann-Whitney ROC AUC (ties count one half); NaN when a class is missing."""
+    from models.evaluation import roc_auc as _auc  # noqa: PLC0415
+
+    return _auc(labels, scores)
+
+
+def _manifest_key(rows: Sequence[ManifestRow]) -> str:
+    digest = hashlib.sha256("\n".join(str(r.path) for r in rows).encode()).hexdigest()
+    return digest[:16]
+
+
+def train(
+    manifest: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    taef2_dir: Path | None = None,
+    cache_dir: Path = Path("runs/cache"),
+    log: Log = print,
+) -> Path:
+    """Train, calibrate and save `out_dir/weights.pt` (+ `train_summary.json`); returns the weights path.
+
+    Raises:
+        ManifestError: the manifest is unusable or leaves one class empty.
+    """
+    torch.set_num_threads(config.threads)
+    started = time.monotonic()
+    rows = read_manifest(manifest)
+    cache = build_pixel_cache(rows, cache_dir / f"pixels-{_manifest_key(rows)}.pt")
+    excluded_sources = set(config.exclude_sources)
+    excluded_paths = {str(Path(p)) for p in config.exclude_paths}
+    unknown = excluded_sources - {row.source for row in rows}
+    if unknown:
+        raise ManifestError(
+            f"--exclude-source {sorted(unknown)} matches no source; sources look like 'fake:<repo>'"
+        )
+    keep = [
+        i
+        for i, row in enumerate(rows)
+        if row.source not in excluded_sources and str(row.path) not in excluded_paths and row.split != "test"
+    ]
+    kept_rows = [rows[i] for i in keep]
+    train_local, cal_local = split_calibration(kept_rows, config.calibration_fraction, config.seed)
+    train_idx = [keep[i] for i in train_local]
+    cal_idx = [keep[i] for i in cal_local]
+    log(
+        f"{len(train_idx)} training images, {len(cal_idx)} calibration images, "
+        f"{len(rows) - len(keep)} excluded"
+    )
+    samples = [
+        Sample(
+            pixels=cache.images[i],
+            family=rows[i].family,
+            lossless=rows[i].file_format in LOSSLESS_FORMATS,
+        )
+        for i in train_idx
+    ]
+    n_recon = 0
+    if taef2_dir is not None:
+        real_idx = [i for i in train_idx if not rows[i].is_fake]
+        recon = reconstructions(
+            [cache.images[i] for i in real_idx],
+            [str(rows[i].path) for i in real_idx],
+            taef2_dir=taef2_dir,
+            side=config.reconstruction_side,
+            cache_path=cache_dir / f"taef2-{config.reconstruction_side}.pt",
+            log=log,
+        )
+        samples += [Sample(pixels=p, family=1, lossless=True, is_reconstruction=True) for p in recon]
+        n_recon = len(recon)
+    net = train_net(samples, config, log)
+    fusion, thresholds, stats = calibrate(
+        net, [cache.images[i] for i in cal_idx], [int(rows[i].is_fake) for i in cal_idx], config, log
+    )
+    summary: dict[str, Any] = {
+        "manifest": str(manifest),
+        "training_images": len(train_idx),
+        "reconstructions": n_recon,
+        "calibration": stats,
+        "excluded_sources": sorted(excluded_sources),
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        "config": _jsonable(asdict(config)),
+        "torch": torch.__version__,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = out_dir / "weights.pt"
+    save_weights(
+        weights_path,
+        net,
+        fusion=fusion,
+        thresholds=thresholds,
+        crop_size=config.crop_size,
+        max_crops=config.max_crops,
+        summary=summary,
+    )
+    (out_dir / "train_summary.json").write_text(
+        json.dumps(summary | {"thresholds": thresholds}, indent=2) + "\n"
+    )
+    log(f"saved {weights_path} ({weights_path.stat().st_size / 1e6:.2f} MB) after {summary['minutes']} min")
+    return weights_path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_weights(
+    path: Path,
+    net: ResidualNet,
+    *,
+    fusion: Fusion,
+    thresholds: dict[str, float],
+    crop_size: int,
+    max_crops: int,
+    summary: dict[str, Any],
+) -> None:
+    """Write a weights file that `torch.load(weights_only=True)` reads: tensors, numbers, strings, lists,
+    dicts.
+    """
+    state = {key: value.detach().clone().contiguous() for key, value in net.state_dict().items()}
+    payload = {
+        "format": WEIGHTS_FORMAT,
+        "families": list(FAMILIES),
+        "net_config": net.config.to_dict(),
+        "state_dict": state,
+        "fusion": fusion.to_state(),
+        "thresholds": dict(thresholds),
+        "crop_size": crop_size,
+        "max_crops": max_crops,
+        "training": json.loads(json.dumps(_jsonable(summary))),
+    }
+    torch.save(payload, path)

@@ -1,0 +1,193 @@
+"""`synthguard detect`, `synthguard eval` and `synthguard train`: the detector from the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from PIL import Image
+
+from models import DetectorError, ImageInput, create_detector, detector_from_weights, list_detectors
+from models.data import CONDITIONS
+from models.detector import Detector
+
+
+def _build_detector(model: str, weights: Path | None, device: str | None) -> Detector:
+    try:
+        if weights is not None:
+            return detector_from_weights(weights, device=device)
+        return create_detector(model, device=device)
+    except DetectorError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: NaN/inf become null (they are not JSON numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _read_image(path: Path) -> tuple[ImageInput | None, str | None]:
+    try:
+        data = path.read_bytes()
+        with Image.open(path) as img:
+            img.load()
+            image = img.copy()
+            image.info.update(img.info)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return None, f"cannot read image: {exc}"
+    return ImageInput(image=image, data=data, name=str(path)), None
+
+
+@click.command("detect")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", default="synthguard-v1", show_default=True, help=f"one of {list_detectors()}")
+@click.option(
+    "--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="local weights file"
+)
+@click.option("--device", default=None, help="cpu, cuda, or auto (default)")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--no-evidence", is_flag=True, help="leave the evidence dict out of the output")
+def detect_command(
+    *,
+    paths: tuple[Path, ...],
+    model: str,
+    weights: Path | None,
+    device: str | None,
+    batch_size: int,
+    no_evidence: bool,
+) -> None:
+    """Print one JSON object per image: path, score, verdict, family_scores, evidence, model.
+
+    A file that cannot be read prints an object with "error" and the exit status is 1 at the end.
+    """
+    detector = _build_detector(model, weights, device)
+    failures = 0
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        loaded = [_read_image(p) for p in chunk]
+        inputs = [item for item, _ in loaded if item is not None]
+        detections = iter(detector.detect(inputs))
+        for path, (item, error) in zip(chunk, loaded, strict=True):
+            if item is None:
+                failures += 1
+                click.echo(json.dumps({"path": str(path), "error": error, "model": detector.model_id}))
+                continue
+            record: dict[str, Any] = {"path": str(path), **next(detections).to_dict()}
+            if no_evidence:
+                record.pop("evidence")
+            click.echo(json.dumps(_json_safe(record), sort_keys=False))
+    if failures:
+        sys.exit(1)
+
+
+@click.command("eval")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--conditions",
+    default=",".join(CONDITIONS),
+    show_default=True,
+    help="comma-separated subset of " + ", ".join(CONDITIONS),
+)
+@click.option(
+    "--holdout-source",
+    "holdout_sources",
+    multiple=True,
+    help="evaluate this source (label:repo or repo) against the other class; repeatable",
+)
+@click.option("--model", default="synthguard-v1", show_default=True)
+@click.option(
+    "--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="local weights file"
+)
+@click.option("--device", default=None)
+@click.option(
+    "--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+def eval_command(
+    *,
+    manifest: Path,
+    conditions: str,
+    holdout_sources: tuple[str, ...],
+    model: str,
+    weights: Path | None,
+    device: str | None,
+    output_format: str,
+) -> None:
+    """ROC AUC, TPR at 1%/5% FPR, balanced accuracy, recall per generator, FPR per real source, per
+    condition.
+    """
+    from models.evaluation import evaluate  # noqa: PLC0415 - scipy is only needed here
+
+    chosen = [c.strip() for c in conditions.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in CONDITIONS]
+    if unknown:
+        raise click.BadParameter(f"unknown condition(s) {unknown}; choose from {list(CONDITIONS)}")
+    detector = _build_detector(model, weights, device)
+    try:
+        report = evaluate(
+            detector,
+            manifest,
+            conditions=chosen,  # type: ignore[arg-type]
+            holdout_sources=holdout_sources,
+        )
+    except DetectorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output_format == "json":
+        click.echo(json.dumps(_json_safe(report.to_dict()), indent=2))
+    else:
+        click.echo(report.to_table())
+
+
+@click.command("train")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--taef2-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option(
+    "--exclude-source", "exclude_sources", multiple=True, help="label:repo to leave out; repeatable"
+)
+@click.option(
+    "--steps", default=None, type=click.IntRange(1), help="optimiser steps (default: the shipped recipe)"
+)
+@click.option(
+    "--minutes", default=55.0, show_default=True, type=click.FloatRange(0.05), help="wall-clock cap"
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--cache-dir", default=Path("runs/cache"), show_default=True, type=click.Path(path_type=Path))
+def train_command(
+    *,
+    manifest: Path,
+    out_dir: Path,
+    taef2_dir: Path | None,
+    exclude_sources: tuple[str, ...],
+    steps: int | None,
+    minutes: float,
+    seed: int,
+    cache_dir: Path,
+) -> None:
+    """Train a detector from a labelled manifest; writes DIR/weights.pt and DIR/train_summary.json."""
+    from models.training import TrainConfig, train  # noqa: PLC0415 - training code is not needed to detect
+
+    config = TrainConfig(seed=seed, max_minutes=minutes, exclude_sources=exclude_sources)
+    if steps is not None:
+        config = TrainConfig(seed=seed, max_minutes=minutes, exclude_sources=exclude_sources, steps=steps)
+    try:
+        path = train(manifest, out_dir, config, taef2_dir=taef2_dir, cache_dir=cache_dir, log=click.echo)
+    except DetectorError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))
+
+
+def register(group: click.Group) -> None:
+    """Add detect, eval and train to the `synthguard` group."""
+    group.add_command(detect_command)
+    group.add_command(eval_command)
+    group.add_command(train_command)
