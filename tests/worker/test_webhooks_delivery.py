@@ -5,7 +5,6 @@ The Celery task and the sweep are exercised in test_webhooks_tasks.py with a rea
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 
 import pytest
@@ -14,7 +13,6 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from db.base import utcnow
 from db.session import session_scope
-from db.tables import Client
 from db.webhook_tables import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from tests.worker.webhook_helpers import (
     Script,
@@ -86,46 +84,6 @@ def test_flagged_check_gives_one_delivery_that_standardwebhooks_verifies(pg_sess
     assert [(a.outcome, a.status_code) for a in delivery.attempts] == [("succeeded", 204)]
     assert delivery.attempts[0].latency_ms >= 0
     assert headers["webhook-id"] == delivery.message_id
-
-
-def test_real_verdict_sends_nothing_and_uncertain_follows_client_policy(pg_session_factory, fast, receiver):
-    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"), client="acme")
-    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"), client="strict")
-    with session_scope(pg_session_factory) as session:
-        check, verdict = add_checked_image(session, verdict="real", score=0.1)
-        assert outbox.record_check_events(session, check, verdict) == []
-        check, verdict = add_checked_image(session, verdict="uncertain", score=0.6)
-        assert outbox.record_check_events(session, check, verdict) == []
-        session.get_one(Client, "strict").flag_uncertain = True
-        check, verdict = add_checked_image(session, client="strict", verdict="uncertain")
-        assert len(outbox.record_check_events(session, check, verdict)) == 1
-
-
-def test_completed_and_failed_only_for_subscribed_endpoints(pg_session_factory, fast, receiver):
-    url = receiver.url_for("/hook")
-    _endpoint(pg_session_factory, fast, url, events=["check.flagged"])
-    all_id, _ = _endpoint(pg_session_factory, fast, url, events=["check.completed", "check.failed"])
-    with session_scope(pg_session_factory) as session:
-        check, verdict = add_checked_image(session, verdict="real", score=0.05)
-        ids = outbox.record_check_events(session, check, verdict)
-        rows = session.scalars(sa.select(WebhookDelivery).where(WebhookDelivery.id.in_(ids))).all()
-        assert [(r.event_type, r.endpoint_id) for r in rows] == [("check.completed", all_id)]
-
-        check.status, check.error = "failed", "fetch refused: 10.0.0.1 is a private address"
-        ids = outbox.record_check_failed(session, check)
-        row = session.get_one(WebhookDelivery, ids[0])
-        assert len(ids) == 1 and row.event_type == "check.failed" and row.endpoint_id == all_id
-        assert json.loads(row.payload)["data"]["error"].startswith("fetch refused")
-
-
-def test_recording_the_same_event_twice_queues_it_once(pg_session_factory, fast, receiver):
-    _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
-    with session_scope(pg_session_factory) as session:
-        check, verdict = add_checked_image(session, callback_url=receiver.url_for("/cb"))
-        first = outbox.record_check_events(session, check, verdict)
-        again = outbox.record_check_events(session, check, verdict)
-    assert len(first) == 2  # the endpoint and the callback URL
-    assert again == []
 
 
 def test_receiver_failing_twice_then_succeeding_gets_three_attempts(pg_session_factory, fast, receiver):
@@ -307,28 +265,6 @@ def test_redeliver_sends_the_same_event_again(pg_session_factory, fast, receiver
     (h1, b1), (h2, b2) = script.requests
     assert h1["webhook-id"] == h2["webhook-id"] and b1 == b2
     assert [a.attempt_number for a in load_delivery(pg_session_factory, ids[0]).attempts] == [1, 2]
-
-
-def test_flag_rule_agrees_with_db_queries(pg_session_factory):
-    from db import queries
-
-    with session_scope(pg_session_factory) as session:
-        for verdict in ("generated", "uncertain", "real"):
-            for flag_uncertain in (False, True):
-                for threshold in (None, 0.5, 0.9):
-                    name = f"c-{verdict}-{flag_uncertain}-{threshold}"
-                    check, row = add_checked_image(
-                        session,
-                        client=name,
-                        verdict=verdict,
-                        score=0.6,
-                        flag_uncertain=flag_uncertain,
-                        flag_threshold=threshold,
-                    )
-                    client = session.get(Client, name)
-                    assert outbox.is_flagged(row.verdict, row.score, client) == queries.is_flagged(
-                        check, row, client
-                    )
 
 
 def test_state_machine_on_sqlite(sqlite_url, settings, receiver):

@@ -1,0 +1,175 @@
+"""The outbox: which events a check raises, for which targets, written in the caller's transaction.
+
+Real PostgreSQL, schema from Alembic. Nothing is sent here (see test_webhooks_delivery.py for that).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from db import queries
+from db.session import session_scope
+from db.tables import Client, Review
+from db.webhook_tables import WebhookDelivery
+from tests.worker.webhook_helpers import add_checked_image
+from worker import outbox
+from worker.webhook_endpoints import create_endpoint, set_endpoint_enabled
+from worker.webhooks import PAYLOAD_MAX_BYTES, SecretCipher
+
+pytestmark = pytest.mark.usefixtures("pg_clean")
+
+URL = "https://hooks.example.com/synthguard"
+
+
+def _endpoint(factory, settings, *, client="acme", events=None, url=URL):
+    with session_scope(factory) as session:
+        endpoint, _ = create_endpoint(
+            session, SecretCipher(settings.require_secret_key()), url=url, client=client, events=events
+        )
+        return endpoint.id
+
+
+def _rows(session, ids):
+    return session.scalars(
+        sa.select(WebhookDelivery).where(WebhookDelivery.id.in_(ids)).order_by(WebhookDelivery.url)
+    ).all()
+
+
+def test_flagged_check_writes_one_row_per_target_with_a_clean_payload(pg_session_factory, settings):
+    endpoint_id = _endpoint(pg_session_factory, settings)
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session, callback_url="https://platform.example.com/cb")
+        ids = outbox.record_check_events(session, check, verdict)
+        rows = _rows(session, ids)
+        assert [(r.event_type, r.endpoint_id, r.url, r.status) for r in rows] == [
+            ("check.flagged", endpoint_id, URL, "pending"),
+            ("check.flagged", None, "https://platform.example.com/cb", "pending"),
+        ]
+        # One event, one webhook-id for all its targets; the same bytes go to each.
+        assert len({r.message_id for r in rows}) == 1 and len({r.payload for r in rows}) == 1
+        payload = json.loads(rows[0].payload)
+        assert payload["type"] == "check.flagged"
+        assert payload["data"]["check_id"] == str(check.id)
+        assert payload["data"]["external_id"] == check.external_id
+        assert payload["data"]["client"] == "acme"
+        assert payload["data"]["model_version"] == "1.0.0+abcdef123456"
+        assert "threshold" not in rows[0].payload and "image" not in rows[0].payload
+        assert len(rows[0].payload.encode()) <= PAYLOAD_MAX_BYTES
+
+
+def test_outbox_rows_roll_back_with_the_verdict(pg_session_factory, settings):
+    _endpoint(pg_session_factory, settings)
+    with pytest.raises(RuntimeError), session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session)
+        assert outbox.record_check_events(session, check, verdict)
+        raise RuntimeError("the pipeline failed after writing the verdict")
+    with session_scope(pg_session_factory) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(WebhookDelivery)) == 0
+
+
+def test_real_verdict_sends_nothing_and_uncertain_follows_client_policy(pg_session_factory, settings):
+    _endpoint(pg_session_factory, settings, client="acme")
+    _endpoint(pg_session_factory, settings, client="strict")
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session, verdict="real", score=0.1)
+        assert outbox.record_check_events(session, check, verdict) == []
+        check, verdict = add_checked_image(session, verdict="uncertain", score=0.6)
+        assert outbox.record_check_events(session, check, verdict) == []
+        session.get_one(Client, "strict").flag_uncertain = True
+        check, verdict = add_checked_image(session, client="strict", verdict="uncertain")
+        assert len(outbox.record_check_events(session, check, verdict)) == 1
+        session.get_one(Client, "acme").flag_threshold = 0.5
+        check, verdict = add_checked_image(session, verdict="uncertain", score=0.6)
+        assert len(outbox.record_check_events(session, check, verdict)) == 1
+
+
+def test_disabled_endpoints_and_other_clients_get_nothing(pg_session_factory, settings):
+    disabled = _endpoint(pg_session_factory, settings)
+    _endpoint(pg_session_factory, settings, client="other")
+    with session_scope(pg_session_factory) as session:
+        set_endpoint_enabled(session, disabled, enabled=False)
+        check, verdict = add_checked_image(session)
+        assert outbox.record_check_events(session, check, verdict) == []
+
+
+def test_completed_and_failed_only_for_subscribed_endpoints(pg_session_factory, settings):
+    _endpoint(pg_session_factory, settings, events=["check.flagged"])
+    all_id = _endpoint(pg_session_factory, settings, events=["check.completed", "check.failed"])
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session, verdict="real", score=0.05, callback_url=URL + "/cb")
+        ids = outbox.record_check_events(session, check, verdict)
+        assert [(r.event_type, r.endpoint_id) for r in _rows(session, ids)] == [("check.completed", all_id)]
+
+        check.status, check.error = "failed", "fetch refused: 10.0.0.1 is a private address"
+        ids = outbox.record_check_failed(session, check)
+        (row,) = _rows(session, ids)
+        assert row.event_type == "check.failed" and row.endpoint_id == all_id
+        assert json.loads(row.payload)["data"]["error"].startswith("fetch refused")
+
+
+def test_recording_the_same_event_twice_queues_it_once(pg_session_factory, settings):
+    _endpoint(pg_session_factory, settings)
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session, callback_url=URL + "/cb")
+        first = outbox.record_check_events(session, check, verdict)
+        again = outbox.record_check_events(session, check, verdict)
+    assert len(first) == 2  # the endpoint and the callback URL
+    assert again == []
+
+
+def test_review_event(pg_session_factory, settings):
+    endpoint_id = _endpoint(pg_session_factory, settings)
+    with session_scope(pg_session_factory) as session:
+        check, _ = add_checked_image(session, callback_url=URL + "/cb")
+        session.refresh(check)
+        review = Review(
+            id=uuid.uuid4(),
+            check_id=check.id,
+            reviewer="alice",
+            previous_verdict="generated",
+            new_verdict="real",
+            note="a scan of a painting",
+        )
+        session.add(review)
+        session.flush()
+        ids = outbox.record_review(session, check, review)
+        rows = _rows(session, ids)
+        assert [(r.event_type, r.endpoint_id) for r in rows] == [
+            ("check.reviewed", endpoint_id),
+            ("check.reviewed", None),  # the verdict changed: the callback hears about it
+        ]
+        data = json.loads(rows[0].payload)["data"]
+        assert data["verdict"] == "real" and data["decided_by"] == "review"
+        assert data["review"]["previous_verdict"] == "generated"
+        assert "alice" not in rows[0].payload and "painting" not in rows[0].payload
+
+        confirm = Review(
+            id=uuid.uuid4(), check_id=check.id, reviewer="bob", previous_verdict="real", new_verdict="real"
+        )
+        session.add(confirm)
+        session.flush()
+        ids = outbox.record_review(session, check, confirm)
+        assert [r.endpoint_id for r in _rows(session, ids)] == [endpoint_id]  # no callback: nothing changed
+
+
+def test_flag_rule_agrees_with_db_queries(pg_session_factory):
+    with session_scope(pg_session_factory) as session:
+        for verdict in ("generated", "uncertain", "real"):
+            for flag_uncertain in (False, True):
+                for threshold in (None, 0.5, 0.9):
+                    name = f"c-{verdict}-{flag_uncertain}-{threshold}"
+                    check, row = add_checked_image(
+                        session,
+                        client=name,
+                        verdict=verdict,
+                        score=0.6,
+                        flag_uncertain=flag_uncertain,
+                        flag_threshold=threshold,
+                    )
+                    client = session.get(Client, name)
+                    expected = queries.is_flagged(check, row, client)
+                    assert outbox.is_flagged(row.verdict, row.score, client) == expected
