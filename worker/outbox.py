@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from db.base import utcnow
 from db.tables import Check, Client, Review, Verdict
 from db.webhook_tables import WebhookDelivery, WebhookEndpoint
+from worker.webhook_delivery import as_utc
 from worker.webhooks import (
     EVENT_COMPLETED,
     EVENT_FAILED,
@@ -77,7 +78,7 @@ def _event_data(check: Check, verdict: Verdict | None, *, review: Review | None 
             "review_id": str(review.id),
             "previous_verdict": review.previous_verdict,
             "new_verdict": review.new_verdict,
-            "reviewed_at": review.created_at.isoformat(),
+            "reviewed_at": as_utc(review.created_at).isoformat(),
         }
     return CheckEventData(
         check_id=str(check.id),

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
-from db.tables import Client
+from db.tables import URL_MAX_LEN, Client
 from db.webhook_tables import WebhookClientSecret, WebhookDelivery, WebhookEndpoint
 from worker import netguard
 from worker.webhooks import (
@@ -57,6 +57,8 @@ def _check_events(events: Sequence[str]) -> list[str]:
 
 
 def _check_url_shape(url: str) -> None:
+    if len(url) > URL_MAX_LEN:
+        raise EndpointError(f"URL is longer than {URL_MAX_LEN} characters")
     # Only the URL's form is checked here (scheme, userinfo, port); the address is judged at every send,
     # after DNS resolution, because DNS may change between now and then.
     try:
