@@ -64,7 +64,7 @@ def concurrently(count: int, work: Callable[[], Any]) -> list[Any]:
         barrier.wait()
         try:
             results.append(work())
-        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(count)]

@@ -11,7 +11,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -70,6 +70,9 @@ def _safe_url(url: str) -> str:
 def open_database(settings: Settings, *, migrate: bool) -> sessionmaker[Session]:
     """A session factory for the configured database, migrated to head if ``migrate`` (else checked)."""
     engine = make_engine(settings.database_url)
+    context = click.get_current_context(silent=True)
+    if context is not None:
+        context.call_on_close(engine.dispose)  # also when a command runs in-process (tests)
     try:
         if not is_up_to_date(engine):
             if not migrate:
@@ -115,6 +118,13 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], output_format: 
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
+def _as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back without a zone; every stored timestamp is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -140,8 +150,8 @@ def check_row(check: Check) -> dict[str, Any]:
         "model": verdict.model_id if verdict else None,
         "error": check.error,
         "source_url": check.source_url,
-        "created_at": check.created_at,
-        "finished_at": check.finished_at,
+        "created_at": _as_utc(check.created_at),
+        "finished_at": _as_utc(check.finished_at),
     }
 
 
@@ -280,7 +290,12 @@ def scan_inputs(
     return rows
 
 
-SCAN_COLUMNS: Final = ("input", "status", "verdict", "score", "decided_by", "error")
+SCAN_COLUMNS: Final = ("input", "status", "verdict", "score", "decided_by", "check_id")
+
+
+def with_error_column(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> tuple[str, ...]:
+    """The columns, plus "error" when some row failed (an empty column only widens the table)."""
+    return (*columns, "error") if any(row.get("error") for row in rows) else tuple(columns)
 
 
 @click.command()
@@ -299,7 +314,7 @@ def scan(inputs: tuple[str, ...], database: str | None, client: str, output_form
     factory = open_database(settings, migrate=True)
     detector = _load_detector(settings)
     rows = scan_inputs(factory, detector, items, settings, client=client)
-    emit(rows, SCAN_COLUMNS, output_format)
+    emit(rows, with_error_column(rows, SCAN_COLUMNS), output_format)
 
 
 def _load_detector(settings: Settings) -> pipeline.DetectorLike:
@@ -368,10 +383,9 @@ DEMO_IMAGES: Final = (
     DemoImage("chelsea-q75.jpg", "made here: chelsea.png re-encoded as JPEG quality 75",
               lambda: _jpeg_copy("chelsea.png", 75)),
     DemoImage("coffee-8x-nearest.png",
-              "made here: coffee.png shrunk 8x, nearest-upsampled 8x (decoder-like grid, no real generator)",
+              "made here: coffee.png 8x down, 8x nearest up (decoder-like grid)",
               lambda: _decoder_like("coffee.png")),
-    DemoImage("noise.png", "made here: uniform random noise (neither a photo nor a generator's output)",
-              _noise_png),
+    DemoImage("noise.png", "made here: random noise (not a photo, not a generator's output)", _noise_png),
 )  # fmt: skip
 
 
@@ -407,7 +421,8 @@ def demo(paths: tuple[str, ...], database: str | None, images_dir: Path, output_
     rows = scan_inputs(factory, detector, inputs, settings, client="demo")
     for row in rows:
         row["what it is"] = row.pop("label") or "your input"
-    emit(rows, ("input", "what it is", "verdict", "score", "decided_by", "error"), output_format)
+    columns = ("input", "what it is", "verdict", "score", "check_id")
+    emit(rows, with_error_column(rows, columns), output_format)
     if output_format == "table":
         click.echo(
             f"\nImages written to {images_dir}/; verdicts stored in {_safe_url(settings.database_url)} "
@@ -429,6 +444,11 @@ def demo(paths: tuple[str, ...], database: str | None, images_dir: Path, output_
 def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
     """Run a Celery worker that takes synthguard tasks from SYNTHGUARD_BROKER_URL."""
     settings = cli_settings()
+    try:
+        # The worker signs webhooks with secrets encrypted under this key.
+        settings.require_secret_key()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     open_database(settings, migrate=False)
     # Load and verify the weights once on the CPU before forking: a missing or tampered weights file stops
     # the start here with one line, instead of every child failing. CUDA is touched only in the children.
@@ -471,7 +491,8 @@ def enqueue(
     from worker.tasks import enqueue_checks  # noqa: PLC0415
 
     try:
-        enqueue_checks(create_celery_app(settings), to_queue, settings.batch_size)
+        with create_celery_app(settings) as app:
+            enqueue_checks(app, to_queue, settings.batch_size)
     except (kombu.exceptions.OperationalError, redis.exceptions.RedisError, OSError) as exc:
         raise click.ClickException(
             f"checks recorded but not queued: broker {_safe_url(settings.broker_url)} unreachable ({exc}); "
@@ -520,7 +541,7 @@ def parse_since(value: str | None) -> datetime | None:
         raise click.BadParameter(
             "use an ISO date/time or an age like 30m, 24h, 7d", param_hint="--since"
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 VERDICT_COLUMNS: Final = ("check_id", "client", "external_id", "verdict", "score", "model", "created_at")
@@ -590,8 +611,8 @@ def check_details(check: Check) -> dict[str, Any]:
         has_inline_image=check.has_inline_image,
         callback_url=check.callback_url,
         metadata=check.metadata_,
-        started_at=check.started_at,
-        updated_at=check.updated_at,
+        started_at=_as_utc(check.started_at),
+        updated_at=_as_utc(check.updated_at),
         reviewed_verdict=check.reviewed_verdict,
         threshold=verdict.threshold if verdict else None,
         family_scores=verdict.family_scores if verdict else None,
@@ -603,7 +624,7 @@ def check_details(check: Check) -> dict[str, Any]:
                 "previous_verdict": review.previous_verdict,
                 "new_verdict": review.new_verdict,
                 "note": review.note,
-                "created_at": review.created_at,
+                "created_at": _as_utc(review.created_at),
             }
             for review in check.reviews
         ],

@@ -1,0 +1,157 @@
+"""The synthguard command: scan on SQLite (the pipeline), listings, show, demo, db upgrade, enqueue."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+
+from db.session import make_engine
+from db.tables import Check, Verdict
+from tests.images import photo_bytes
+from worker.cli import main
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "uploads"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "one.png").write_bytes(photo_bytes("astronaut.png", offset=70))
+    (folder / "nested" / "two.jpg").write_bytes(photo_bytes("coffee.png", offset=80, image_format="JPEG"))
+    (folder / "notes.txt").write_text("not an image, and not collected from a directory")
+    return folder
+
+
+def test_scan_runs_the_pipeline_on_sqlite_and_is_idempotent(tmp_path, images):
+    db_path = tmp_path / "scan.db"
+    not_an_image = tmp_path / "fake.png"
+    not_an_image.write_bytes(b"\x89PNG but truncated")
+
+    first = run("scan", str(images), str(not_an_image), "--db", str(db_path), "--format", "json")
+    assert first.exit_code == 0, first.output
+    rows = {Path(row["input"]).name: row for row in json.loads(first.stdout)}
+    assert set(rows) == {"one.png", "two.jpg", "fake.png"}
+    assert rows["one.png"]["status"] == "done" and rows["one.png"]["verdict"] in (
+        "generated",
+        "real",
+        "uncertain",
+    )
+    assert rows["two.jpg"]["status"] == "done"
+    assert rows["fake.png"]["status"] == "failed" and rows["fake.png"]["error"].startswith("not analysable")
+
+    second = run("scan", str(images), "--db", str(db_path), "--format", "json")
+    again = {Path(row["input"]).name: row for row in json.loads(second.stdout)}
+    assert again["one.png"]["check_id"] == rows["one.png"]["check_id"]  # the same check, not a new one
+    engine = make_engine(f"sqlite:///{db_path}")
+    with engine.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(Verdict)) == 2
+        assert connection.scalar(sa.select(sa.func.count()).select_from(Check)) == 3
+    engine.dispose()
+
+
+def test_scan_table_and_listings(tmp_path, images):
+    db_path = str(tmp_path / "list.db")
+    table = run("scan", str(images / "one.png"), "--db", db_path)
+    assert table.exit_code == 0
+    header = table.stdout.splitlines()[0].split()
+    assert header[:5] == ["INPUT", "STATUS", "VERDICT", "SCORE", "DECIDED_BY"]
+
+    listed = json.loads(run("verdicts", "--db", db_path, "--format", "json").stdout)
+    assert len(listed) == 1
+    assert {"check_id", "external_id", "client", "sha256", "verdict", "score", "model"} <= set(listed[0])
+    assert listed[0]["client"] == "scan"
+
+    assert json.loads(run("verdicts", "--db", db_path, "--client", "nobody", "--format", "json").stdout) == []
+    assert json.loads(run("verdicts", "--db", db_path, "--since", "1h", "--format", "json").stdout) != []
+    flagged = json.loads(run("verdicts", "--db", db_path, "--flagged", "--format", "json").stdout)
+    assert all(row["verdict"] == "generated" for row in flagged)
+
+    done = json.loads(run("checks", "--db", db_path, "--status", "done", "--format", "json").stdout)
+    assert [row["check_id"] for row in done] == [listed[0]["check_id"]]
+    assert json.loads(run("checks", "--db", db_path, "--status", "failed", "--format", "json").stdout) == []
+
+    shown = run("show", listed[0]["check_id"], "--db", db_path)
+    assert shown.exit_code == 0
+    for text in ("verdict", "evidence", "spectral", "color", "grid", listed[0]["sha256"]):
+        assert text in shown.stdout
+    details = json.loads(run("show", listed[0]["check_id"], "--db", db_path, "--format", "json").stdout)
+    assert {"spectral", "color", "grid"} <= set(details["evidence"])
+    assert details["created_at"].endswith("+00:00")
+
+
+def test_listings_refuse_an_unmigrated_database_with_one_line(tmp_path):
+    result = run("checks", "--db", str(tmp_path / "empty.db"))
+    assert result.exit_code == 1
+    assert "run `synthguard db upgrade`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    upgraded = run("db", "upgrade", "--db", str(tmp_path / "empty.db"))
+    assert upgraded.exit_code == 0 and "current schema" in upgraded.stdout
+    assert run("checks", "--db", str(tmp_path / "empty.db")).stdout.strip() == "(none)"
+
+
+def test_show_rejects_unknown_ids(tmp_path):
+    db_path = str(tmp_path / "show.db")
+    run("db", "upgrade", "--db", db_path)
+    assert run("show", "nope", "--db", db_path).exit_code == 2
+    missing = run("show", "00000000-0000-0000-0000-000000000000", "--db", db_path)
+    assert missing.exit_code == 1 and "no check" in missing.stderr
+
+
+def test_demo_writes_labelled_examples_and_scans_them(tmp_path):
+    images_dir = tmp_path / "demo-images"
+    result = run(
+        "demo", "--db", str(tmp_path / "demo.db"), "--images-dir", str(images_dir), "--format", "json"
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {row["input"] for row in rows} >= {"astronaut.png", "coffee-8x-nearest.png", "rocket.jpg"}
+    assert all(row["status"] == "done" for row in rows), [row["error"] for row in rows]
+    labels = {row["input"]: row["what it is"] for row in rows}
+    assert labels["astronaut.png"].startswith("camera photo")
+    assert labels["coffee-8x-nearest.png"].startswith("made here")
+    assert sorted(path.name for path in images_dir.iterdir()) == sorted(labels)
+
+
+def test_scan_refuses_missing_paths(tmp_path):
+    result = run("scan", str(tmp_path / "missing.png"), "--db", str(tmp_path / "x.db"))
+    assert result.exit_code == 2 and "no such file" in result.stderr
+
+
+def test_enqueue_reaches_a_real_worker(celery_worker, settings, pg_session_factory, tmp_path):
+    (tmp_path / "a.png").write_bytes(photo_bytes("chelsea.png", offset=90))
+    (tmp_path / "b.png").write_bytes(photo_bytes("chelsea.png", offset=95))
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'a.png'}\n# a comment\n{tmp_path / 'b.png'}\n")
+    env = {
+        "SYNTHGUARD_DATABASE_URL": settings.database_url,
+        "SYNTHGUARD_BROKER_URL": settings.broker_url,
+        "SYNTHGUARD_QUEUE_NAME": settings.queue_name,
+    }
+    result = run("enqueue", f"@{tmp_path / 'list.txt'}", "--client", "cli-test", "--format", "json", env=env)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["status"] for row in rows] == ["queued", "queued"]
+    ids = {row["check_id"] for row in rows}
+
+    deadline = time.monotonic() + 180
+    statuses: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        listed = json.loads(run("checks", "--format", "json", env=env).stdout)
+        statuses = {row["check_id"]: row["status"] for row in listed if row["check_id"] in ids}
+        if set(statuses.values()) <= {"done", "failed"} and len(statuses) == 2:
+            break
+        time.sleep(0.3)
+    assert set(statuses.values()) == {"done"}, statuses
+
+    # Enqueuing the same files again prints the same checks and queues nothing new.
+    again = json.loads(run("enqueue", str(tmp_path / "a.png"), "--client", "cli-test", "--format", "json",
+                           env=env).stdout)  # fmt: skip
+    assert again[0]["check_id"] in ids and again[0]["status"] == "done"

@@ -1,0 +1,271 @@
+"""The pipeline called directly (no Celery), with the real detector, on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pytest_httpserver import HTTPServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.queries import get_or_create_check
+from db.session import make_engine, make_session_factory, session_scope
+from db.tables import Check, Evidence, Verdict
+from models import ImageInput
+from tests.images import noise_bytes, photo_bytes
+from worker import pipeline
+from worker.settings import Settings
+
+
+class CountingDetector:
+    """The real detector, counting the images it is asked to analyse (to prove verdict reuse)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.images = 0
+
+    name = property(lambda self: self.inner.name)
+    version = property(lambda self: self.inner.version)
+    model_id = property(lambda self: self.inner.model_id)
+    cfg = property(lambda self: self.inner.cfg)
+
+    def detect(self, images: Sequence[Any]) -> list[Any]:
+        self.images += len(images)
+        return self.inner.detect(images)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Session]]:
+    if request.param == "sqlite":
+        url = request.getfixturevalue("sqlite_url")
+        engine = make_engine(url)
+        yield make_session_factory(engine)
+        engine.dispose()
+    else:
+        request.getfixturevalue("pg_clean")
+        yield request.getfixturevalue("pg_session_factory")
+
+
+@pytest.fixture
+def counting(detector: Any) -> CountingDetector:
+    return CountingDetector(detector)
+
+
+def submit(factory: sessionmaker[Session], **fields: Any) -> uuid.UUID:
+    fields.setdefault("client", "tests")
+    fields.setdefault("external_id", uuid.uuid4().hex)
+    with session_scope(factory) as session:
+        check, _ = get_or_create_check(session, **fields)
+        return check.id
+
+
+def process(
+    factory: sessionmaker[Session],
+    detector: Any,
+    ids: list[uuid.UUID],
+    settings: Settings,
+    **options: Any,
+) -> pipeline.PipelineResult:
+    """What the task wrapper does: the claim committed first, then the work in a second transaction."""
+    with session_scope(factory) as session:
+        claimed = pipeline.claim(session, ids, settings)
+    with session_scope(factory) as session:
+        return pipeline.run(session, detector, claimed.check_ids, settings, **options)
+
+
+def load(factory: sessionmaker[Session], check_id: uuid.UUID) -> Check:
+    with session_scope(factory) as session:
+        check = session.get(Check, check_id)
+        assert check is not None
+        return check
+
+
+def test_photos_get_a_verdict_with_evidence_and_hashes(factory, counting, settings):
+    data = [photo_bytes("astronaut.png", offset=0), photo_bytes("coffee.png", offset=40)]
+    ids = [submit(factory, image_data=item) for item in data]
+
+    result = process(factory, counting, ids, settings)
+
+    assert [outcome.status for outcome in result.outcomes] == ["done", "done"]
+    assert counting.images == 2
+    for check_id in ids:
+        check = load(factory, check_id)
+        assert check.status == "done" and check.error is None and check.attempts == 1
+        assert check.verdict is not None
+        assert check.verdict.model_id == counting.model_id
+        assert 0.0 <= check.verdict.score <= 1.0
+        assert check.verdict.verdict in ("generated", "real", "uncertain")
+        assert check.phash is not None and len(check.phash) == 64
+        assert check.sha256 is not None and len(check.sha256) == 64
+        assert check.finished_at is not None
+    with session_scope(factory) as session:
+        groups = set(session.scalars(sa.select(Evidence.group_name)).all())
+        assert {"spectral", "color", "grid"} <= groups
+        # Raw bytes are not kept unless SYNTHGUARD_STORE_RAW_IMAGES asks for it.
+        stored = session.scalars(sa.select(Check.image_data).where(Check.id.in_(ids))).all()
+        assert stored == [None, None]
+
+
+def test_scores_match_the_detector_called_directly(factory, detector, settings):
+    import io
+
+    from PIL import Image
+
+    data = photo_bytes("chelsea.png", offset=10)
+    check_id = submit(factory, image_data=data)
+    process(factory, detector, [check_id], settings)
+    expected = detector.detect([ImageInput(image=Image.open(io.BytesIO(data)).convert("RGB"), data=data)])[0]
+    verdict = load(factory, check_id).verdict
+    assert verdict is not None
+    assert verdict.score == pytest.approx(expected.score, abs=1e-4)
+    assert verdict.verdict == expected.verdict
+
+
+def test_same_bytes_under_another_id_reuse_the_verdict(factory, counting, settings):
+    data = photo_bytes("astronaut.png", offset=64)
+    first = submit(factory, image_data=data, external_id="first")
+    process(factory, counting, [first], settings)
+    assert counting.images == 1
+
+    second = submit(factory, image_data=data, external_id="second")
+    result = process(factory, counting, [second], settings)
+
+    assert counting.images == 1  # no second inference
+    assert result.outcomes[0].reused_verdict
+    assert load(factory, first).verdict_id == load(factory, second).verdict_id
+    assert load(factory, second).phash == load(factory, first).phash
+    with session_scope(factory) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Verdict)) == 1
+
+
+def test_same_bytes_twice_in_one_batch_are_analysed_once(factory, counting, settings):
+    data = photo_bytes("coffee.png", offset=100)
+    ids = [submit(factory, image_data=data) for _ in range(3)]
+    process(factory, counting, ids, settings)
+    assert counting.images == 1
+    assert len({load(factory, check_id).verdict_id for check_id in ids}) == 1
+
+
+def test_resubmission_returns_the_existing_check(factory):
+    first = submit(factory, image_data=b"x", external_id="dup")
+    second = submit(factory, image_data=b"y", external_id="dup")
+    assert first == second
+    with session_scope(factory) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Check)) == 1
+
+
+def test_a_non_image_is_a_stored_readable_failure(factory, counting, settings):
+    check_id = submit(factory, image_data=b"%PDF-1.7 definitely not an image")
+    result = process(factory, counting, [check_id], settings)
+    check = load(factory, check_id)
+    assert check.status == "failed"
+    assert check.error is not None and check.error.startswith("not analysable:")
+    assert result.outcomes[0].status == "failed"
+    assert counting.images == 0
+
+
+def test_an_image_over_the_pixel_limit_is_refused(factory, counting, settings):
+    check_id = submit(factory, image_data=noise_bytes(size=200))  # 40,000 pixels
+    process(factory, counting, [check_id], settings.model_copy(update={"max_pixels": 10_000}))
+    check = load(factory, check_id)
+    assert check.status == "failed"
+    assert check.error is not None and "pixel" in check.error.lower()
+    assert counting.images == 0
+
+
+def test_a_private_address_is_refused_without_the_allowlist(factory, counting, settings):
+    strict = settings.model_copy(update={"allow_private_hosts": ""})
+    ids = [
+        submit(factory, source_url="http://127.0.0.1:9/image.png"),
+        submit(factory, source_url="http://169.254.169.254/latest/meta-data/"),
+        submit(factory, source_url="http://10.1.2.3/cat.jpg"),
+    ]
+    process(factory, counting, ids, strict, retry_transient=True)
+    for check_id in ids:
+        check = load(factory, check_id)
+        assert check.status == "failed"  # refused is permanent: no retry
+        assert check.error is not None and check.error.startswith("fetch failed: refused")
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_an_unreachable_url_is_retried_then_fails(factory, counting, settings):
+    url = f"http://127.0.0.1:{_closed_port()}/gone.png"
+    check_id = submit(factory, source_url=url)
+
+    first = process(factory, counting, [check_id], settings, retry_transient=True)
+    assert first.retry_ids == [check_id]
+    check = load(factory, check_id)
+    assert check.status == "queued" and check.error is not None and "will retry" in check.error
+
+    process(factory, counting, [check_id], settings, retry_transient=False)
+    check = load(factory, check_id)
+    assert check.status == "failed"
+    assert check.error is not None and check.error.startswith("fetch failed:")
+    assert check.attempts == 2
+
+
+def test_an_image_url_is_fetched_and_analysed(factory, counting, settings, httpserver: HTTPServer):
+    data = photo_bytes("rocket.jpg", offset=30, image_format="JPEG")
+    httpserver.expect_request("/upload.jpg").respond_with_data(data, content_type="image/jpeg")
+    check_id = submit(factory, source_url=httpserver.url_for("/upload.jpg"))
+    process(factory, counting, [check_id], settings)
+    check = load(factory, check_id)
+    assert check.status == "done", check.error
+    assert check.source_url is not None and check.has_inline_image is False
+    assert counting.images == 1
+
+
+def test_a_check_that_keeps_dying_is_dead_lettered(factory, counting, settings):
+    check_id = submit(factory, image_data=photo_bytes(offset=5))
+    limited = settings.model_copy(update={"max_attempts": 2})
+    for _ in range(2):  # two claims whose work never finished (the process died)
+        with session_scope(factory) as session:
+            assert pipeline.claim(session, [check_id], limited).check_ids == [check_id]
+    with session_scope(factory) as session:
+        claim = pipeline.claim(session, [check_id], limited)
+    assert claim.check_ids == [] and claim.dead_lettered == [check_id]
+    check = load(factory, check_id)
+    assert check.status == "failed"
+    assert check.error is not None and "dead-lettered" in check.error and check.attempts == 2
+
+
+def test_finished_checks_are_not_claimed_again(factory, counting, settings):
+    check_id = submit(factory, image_data=photo_bytes(offset=7))
+    process(factory, counting, [check_id], settings)
+    with session_scope(factory) as session:
+        assert pipeline.claim(session, [check_id], settings).check_ids == []
+    assert load(factory, check_id).attempts == 1
+
+
+def test_raw_images_are_kept_when_asked(factory, counting, settings):
+    data = photo_bytes(offset=9)
+    check_id = submit(factory, image_data=data)
+    process(factory, counting, [check_id], settings.model_copy(update={"store_raw_images": True}))
+    with session_scope(factory) as session:
+        assert session.scalar(sa.select(Check.image_data).where(Check.id == check_id)) == data
+
+
+def test_json_safe_removes_nan_and_numpy():
+    import numpy as np
+
+    value = {"a": np.float32(1.5), "b": float("nan"), "c": (np.int64(2), float("inf")), 3: np.array([1, 2])}
+    assert pipeline.json_safe(value) == {"a": 1.5, "b": None, "c": [2, None], "3": [1, 2]}
+
+
+def test_base64_limits():
+    import base64
+
+    assert pipeline.decode_base64_image(base64.b64encode(b"abc").decode(), 10) == b"abc"
+    with pytest.raises(ValueError, match="too large"):
+        pipeline.decode_base64_image(base64.b64encode(b"x" * 100).decode(), 10)
+    with pytest.raises(ValueError, match="not valid base64"):
+        pipeline.decode_base64_image("not base64!!", 100)

@@ -1,0 +1,120 @@
+"""Settings: defaults, environment, validation with one-line errors, and a clean stop of the commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import SecretStr
+
+from worker.settings import Settings, SettingsError, load_settings
+
+
+def test_defaults_are_the_documented_ones(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("SYNTHGUARD_"):
+            monkeypatch.delenv(name)
+    settings = load_settings()
+    assert settings.database_url == "sqlite:///./synthguard.db"
+    assert settings.broker_url == "redis://localhost:6379/0"
+    assert settings.allow_private_hosts == ""
+    assert settings.secret_key is None
+    assert settings.fetch_max_bytes == 20 * 1024 * 1024
+    assert settings.max_pixels == 40_000_000
+    assert settings.max_attempts == 5
+    assert settings.store_raw_images is False
+
+
+def test_environment_variables_are_read(monkeypatch):
+    monkeypatch.setenv("SYNTHGUARD_MAX_PIXELS", "1234")
+    monkeypatch.setenv("SYNTHGUARD_ALLOW_PRIVATE_HOSTS", "127.0.0.1, localhost,10.0.0.0/8")
+    monkeypatch.setenv("SYNTHGUARD_DATABASE_URL", "postgresql://u:pw@db/synthguard")
+    settings = load_settings()
+    assert settings.max_pixels == 1234
+    assert settings.private_host_names == {"127.0.0.1", "localhost"}
+    assert [str(network) for network in settings.private_networks] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert settings.database_url == "postgresql+psycopg://u:pw@db/synthguard"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"database_url": "mysql://root:hunter2@db/x"},
+            "SYNTHGUARD_DATABASE_URL: unsupported database 'mysql'",
+        ),
+        ({"database_url": "not a url"}, "SYNTHGUARD_DATABASE_URL: not a database URL"),
+        ({"broker_url": "localhost:6379"}, "SYNTHGUARD_BROKER_URL: not a broker URL"),
+        ({"secret_key": "changeme"}, "SYNTHGUARD_SECRET_KEY: is a placeholder"),
+        ({"secret_key": "short"}, "SYNTHGUARD_SECRET_KEY: is shorter than 16"),
+        (
+            {"allow_private_hosts": "10.0.0.0/33"},
+            "SYNTHGUARD_ALLOW_PRIVATE_HOSTS: '10.0.0.0/33' is not a valid CIDR",
+        ),
+        ({"max_pixels": 0}, "SYNTHGUARD_MAX_PIXELS"),
+        ({"device": "tpu"}, "SYNTHGUARD_DEVICE: must be auto"),
+    ],
+)
+def test_invalid_settings_give_one_line_naming_the_variable(overrides, expected):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(**overrides)
+    message = str(caught.value)
+    assert expected in message
+    assert "\n" not in message
+    assert "hunter2" not in message  # values (which may hold passwords) are never echoed
+
+
+def test_missing_secret_is_reported_where_it_is_needed():
+    with pytest.raises(SettingsError, match="SYNTHGUARD_SECRET_KEY is not set"):
+        Settings().require_secret_key()
+    assert Settings(secret_key=SecretStr("x" * 32)).require_secret_key() == "x" * 32
+
+
+def _synthguard(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full_env = {key: value for key, value in os.environ.items() if not key.startswith("SYNTHGUARD_")}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", "from worker.cli import main; main()", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["checks"], {"SYNTHGUARD_DATABASE_URL": "mysql://x/y"}, "SYNTHGUARD_DATABASE_URL"),
+        (["scan", "x.png"], {"SYNTHGUARD_BROKER_URL": "nonsense"}, "SYNTHGUARD_BROKER_URL"),
+        (["worker"], {"SYNTHGUARD_DATABASE_URL": "sqlite:///:memory:"}, "SYNTHGUARD_SECRET_KEY is not set"),
+    ],
+)
+def test_commands_stop_with_one_clear_line(args, env, expected):
+    result = _synthguard(*args, env=env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+
+
+def test_celery_entry_point_stops_with_one_clear_line():
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SYNTHGUARD_")}
+    env["SYNTHGUARD_BROKER_URL"] = "nonsense"
+    result = subprocess.run(
+        [sys.executable, "-c", "import worker.celery"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "synthguard: invalid settings: SYNTHGUARD_BROKER_URL: not a broker URL (expected redis://host:port/db)"
+    ]
