@@ -7,6 +7,7 @@ refused with `ImageTooSmallError` instead of being scaled up.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +60,12 @@ class PreparedImage:
 
 def _read_orientation(img: Image.Image, notes: list[str]) -> int:
     try:
-        value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+        # Pillow warns (UserWarning) on corrupt EXIF; callers that turn warnings into errors must not lose the
+        # image over its metadata, so warnings here become notes.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+        notes.extend(f"EXIF warning: {w.message}" for w in caught[:3])
     except Exception as exc:  # noqa: BLE001 - hostile EXIF raises anything from struct.error to ZeroDivisionError
         notes.append(f"EXIF unreadable ({type(exc).__name__}); orientation not applied")
         return 1
@@ -94,7 +100,10 @@ def _apply_orientation(img: Image.Image, notes: list[str]) -> tuple[Image.Image,
     if orientation == 1:
         return img, 1, (0, 0)
     try:
-        rotated = ImageOps.exif_transpose(img)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rotated = ImageOps.exif_transpose(img)
+        notes.extend(f"EXIF warning: {w.message}" for w in caught[:3])
     except Exception as exc:  # noqa: BLE001 - never let broken metadata stop the pixel analysis
         notes.append(
             f"EXIF orientation {orientation} could not be applied ({type(exc).__name__}); not rotated"
@@ -187,6 +196,10 @@ def prepare_image(img: Image.Image) -> PreparedImage:
     source_mode = img.mode
     if img.width <= 0 or img.height <= 0:
         raise UnsupportedImageError(f"image has no pixels ({img.width}x{img.height})")
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UnsupportedImageError(f"image data could not be decoded: {exc}") from exc
     oriented, orientation, offset = _apply_orientation(img, notes)
     rgb = _mode_to_rgb(oriented, notes)
     rgb = np.ascontiguousarray(np.clip(rgb, 0.0, 1.0), dtype=np.float32)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -390,12 +391,18 @@ def _user_comment(value: Any) -> str:
 
 def _read_exif(image: Image.Image, found: _Findings) -> None:
     try:
-        exif = image.getexif()
+        # Pillow warns on corrupt EXIF; a warning here is recorded, not passed to callers that treat warnings
+        # as errors (the file's metadata must never cost the check).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exif = image.getexif()
+            exif_ifd = exif.get_ifd(_EXIF_IFD)
+        found.notes.extend(f"EXIF warning: {w.message}"[:200] for w in caught[:3])
         make = _clean(_text(exif.get(_EXIF_MAKE, "")))[:100]
         model = _clean(_text(exif.get(_EXIF_MODEL, "")))[:100]
         software = _clean(_text(exif.get(_EXIF_SOFTWARE, "")))[:200]
         description = _text(exif.get(_EXIF_DESCRIPTION, ""))
-        comment = _user_comment(exif.get_ifd(_EXIF_IFD).get(_EXIF_USER_COMMENT, b""))
+        comment = _user_comment(exif_ifd.get(_EXIF_USER_COMMENT, b""))
     except Exception as exc:  # noqa: BLE001 - broken EXIF raises anything; it must not stop the check
         found.add("exif_error", f"EXIF unreadable: {type(exc).__name__}")
         return
