@@ -13,7 +13,7 @@ Reliability choices, each for a reason:
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import threading
 import weakref
@@ -30,6 +30,7 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Modules whose tasks (and worker bootsteps: webhook sweep, reconciler) every synthguard app carries.
 TASK_MODULES = ("worker.tasks", "worker.webhook_tasks", "worker.reconcile")
 
 
@@ -101,8 +102,7 @@ def runtime_for(app: Celery) -> WorkerRuntime:
 
 def create_celery_app(settings: Settings) -> Celery:
     """A Celery app for ``settings`` with synthguard's tasks registered."""
-    modules = [name for name in TASK_MODULES if importlib.util.find_spec(name) is not None]
-    app = Celery("synthguard", broker=settings.broker_url, include=modules, set_as_current=False)
+    app = Celery("synthguard", broker=settings.broker_url, include=list(TASK_MODULES), set_as_current=False)
     app.conf.update(
         accept_content=["json"],
         task_serializer="json",
@@ -134,7 +134,7 @@ def create_celery_app(settings: Settings) -> Celery:
 
     worker_process_init.connect(_init_child, weak=False, dispatch_uid=f"synthguard-init-{id(app)}")
     # Register the tasks on this app now, so send_task/apply_async work without a worker finalising it.
-    for module in modules:
+    for module in TASK_MODULES:
         importlib.import_module(module)
     app.finalize()
     return app

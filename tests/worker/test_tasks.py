@@ -176,3 +176,38 @@ def test_oversized_inline_images_are_refused_before_decoding(settings):
     with pytest.raises(InvalidRequestError, match="client is longer than 100") as caught:
         parse_check_request({"client": "c" * 101, "external_id": "e", "image_b64": "eA=="}, small)
     assert caught.value.key is None
+
+
+def test_python_client_submits_to_the_worker(
+    celery_worker, settings, pg_session_factory, client_name, tmp_path
+):
+    from worker.client import submit_check
+
+    path = tmp_path / "upload.png"
+    path.write_bytes(photo_bytes("rocket.jpg", offset=120))
+    task_id = submit_check(
+        settings.broker_url, queue=settings.queue_name, client=client_name, external_id="py", image_path=path
+    )
+    assert task_id
+    assert wait_for_check(pg_session_factory, client_name, "py").status == "done"
+
+
+def test_python_client_refuses_what_the_worker_would_refuse(tmp_path):
+    from db import tables
+    from worker import client
+
+    assert (client.CLIENT_MAX_LEN, client.EXTERNAL_ID_MAX_LEN, client.URL_MAX_LEN) == (
+        tables.CLIENT_MAX_LEN,
+        tables.EXTERNAL_ID_MAX_LEN,
+        tables.URL_MAX_LEN,
+    )
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 2000)
+    with pytest.raises(ValueError, match="too large"):
+        client.build_check_payload(client="c", external_id="e", image_path=big, max_inline_bytes=1000)
+    with pytest.raises(ValueError, match="exactly one"):
+        client.build_check_payload(client="c", external_id="e")
+    with pytest.raises(ValueError, match="http"):
+        client.build_check_payload(client="c", external_id="e", image_url="file:///etc/passwd")
+    payload = client.build_check_payload(client="c", external_id="e", image_bytes=b"abc", metadata={"k": 1})
+    assert payload == {"client": "c", "external_id": "e", "image_b64": "YWJj", "metadata": {"k": 1}}

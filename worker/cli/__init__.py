@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 
 import click
-
-# Modules owned by different parts of the project; each exposes register(group: click.Group) -> None.
-COMMAND_MODULES = ("worker.cli.pipeline_cmds", "worker.cli.models_cmds", "worker.cli.webhook_cmds")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -24,9 +19,9 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for _module_name in COMMAND_MODULES:
-    # Guard only while a module is still being written by its owner; a module that exists must import.
-    if importlib.util.find_spec(_module_name) is not None:
-        importlib.import_module(_module_name).register(main)
+from worker.cli import models_cmds, pipeline_cmds, webhook_cmds  # noqa: E402 - after `main` exists
+
+for _module in (pipeline_cmds, models_cmds, webhook_cmds):
+    _module.register(main)
 
 __all__ = ["main"]
