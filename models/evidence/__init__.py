@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from models.evidence._common import ANALYSIS_SIDE
+from models.evidence._common import ANALYSIS_SIDE, EvidenceInputs
 from models.evidence.color import color_evidence
 from models.evidence.grid import grid_evidence
 from models.evidence.provenance import read_provenance
@@ -67,11 +67,11 @@ def pixel_evidence(
     Raises:
         ImageTooSmallError: a side is below `preprocess.MIN_SIDE`.
     """
-    crop = np.ascontiguousarray(center_crop(rgb, ANALYSIS_SIDE, grid_offset), dtype=np.float32)
+    inputs = EvidenceInputs(center_crop(rgb, ANALYSIS_SIDE, grid_offset))
     return {
-        "spectral": spectral_evidence(crop),
-        "color": color_evidence(crop),
-        "grid": grid_evidence(crop),
+        "spectral": spectral_evidence(inputs),
+        "color": color_evidence(inputs),
+        "grid": grid_evidence(inputs),
     }
 
 

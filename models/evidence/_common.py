@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ def luminance(rgb: FloatArray) -> FloatArray:
 
 
 def laplacian_residual(plane: FloatArray) -> FloatArray:
-    """x - mean(4 neighbours): a fixed high-pass predictor residual, same shape as `plane`.
+    """x - mean(4 neighbours): a fixed high-pass predictor residual, same shape as the 2D `plane`.
 
     A linear interpolator (bilinear demosaicing, upsampling followed by smoothing) makes this residual
     exactly or nearly zero at interpolated positions, which is what the periodicity measures look for; scene
@@ -34,8 +34,36 @@ def laplacian_residual(plane: FloatArray) -> FloatArray:
     coordinates (the lattice phases stay where they are, and a 64 px image still fills a 64 px tile).
     """
     padded = np.pad(plane, 1, mode="edge")
-    neighbours = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
-    return np.asarray(plane - np.float32(0.25) * neighbours, dtype=np.float32)
+    # In-place accumulation: one temporary instead of four (this runs four times per image).
+    out = padded[:-2, 1:-1] + padded[2:, 1:-1]
+    out += padded[1:-1, :-2]
+    out += padded[1:-1, 2:]
+    out *= np.float32(-0.25)
+    out += plane
+    return np.asarray(out, dtype=np.float32)
+
+
+class EvidenceInputs:
+    """The arrays several evidence groups need, computed once per crop (luma, residuals)."""
+
+    def __init__(self, crop: FloatArray) -> None:
+        self.crop = np.ascontiguousarray(crop, dtype=np.float32)
+
+    @cached_property
+    def luma(self) -> FloatArray:
+        return luminance(self.crop)
+
+    @cached_property
+    def luma_residual(self) -> FloatArray:
+        return laplacian_residual(self.luma)
+
+    @cached_property
+    def channel_residuals(self) -> list[FloatArray]:
+        return [laplacian_residual(np.ascontiguousarray(self.crop[..., c])) for c in range(3)]
+
+
+def as_inputs(crop: FloatArray | EvidenceInputs) -> EvidenceInputs:
+    return crop if isinstance(crop, EvidenceInputs) else EvidenceInputs(crop)
 
 
 @lru_cache(maxsize=1)

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from models.evidence._common import (
+    EvidenceInputs,
     FloatArray,
+    as_inputs,
     blocks,
     debiased_strength,
-    laplacian_residual,
     metric,
     summarise,
 )
@@ -58,9 +59,9 @@ def lattice_strength(residual: FloatArray) -> float:
     return debiased_strength(walsh)
 
 
-def color_evidence(crop: FloatArray) -> dict[str, Any]:
+def color_evidence(crop: FloatArray | EvidenceInputs) -> dict[str, Any]:
     """Colour metrics of an RGB crop (side >= 64). Returns metric records plus a `summary` string."""
-    residuals = [laplacian_residual(np.ascontiguousarray(crop[..., c])) for c in range(3)]
+    residuals = as_inputs(crop).channel_residuals
     metrics: dict[str, dict[str, Any]] = {}
     for (i, j), pair in zip(((0, 1), (1, 2), (0, 2)), ("rg", "gb", "rb"), strict=True):
         metrics[f"residual_corr_{pair}"] = metric(

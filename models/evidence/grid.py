@@ -28,11 +28,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.evidence._common import (
+    EvidenceInputs,
     FloatArray,
+    as_inputs,
     blocks,
     debiased_strength,
-    laplacian_residual,
-    luminance,
     metric,
     summarise,
 )
@@ -80,8 +80,8 @@ def _relative_harmonics(folded: NDArray[np.float64]) -> NDArray[np.complex128]:
 
 def _axis_measures(plane: FloatArray) -> dict[str, float]:
     """Grid measures across the columns of `plane` (the transpose gives rows), combined over 32 px blocks."""
-    step_blocks = blocks(_column_steps(plane)).astype(np.float64)  # (n, 32, 32)
-    profiles = step_blocks.mean(axis=1)  # (n, 32): mean step at each column of the block
+    # (n, 32): mean step at each column of each 32 px block
+    profiles = blocks(_column_steps(plane)).mean(axis=1, dtype=np.float64)
     n_blocks = profiles.shape[0]
     fold8 = profiles.reshape(n_blocks, -1, PERIOD).mean(axis=1)  # (n, 8)
     fold16 = profiles.reshape(n_blocks, -1, 2 * PERIOD).mean(axis=1)  # (n, 16)
@@ -109,7 +109,7 @@ def _axis_measures(plane: FloatArray) -> dict[str, float]:
     }
 
 
-def _interior_variation(plane: FloatArray) -> float:
+def _interior_variation(luma_residual: FloatArray) -> float:
     """Strength of the 8x8 pattern of |residual| over the 6x6 block-interior phases (1..6 on each axis).
 
     Each 32 px block's |residual| is folded onto the 8x8 lattice; the interior phases, whose 4-neighbour
@@ -118,7 +118,7 @@ def _interior_variation(plane: FloatArray) -> float:
     row and column parity), so a camera's colour-filter lattice does not count as an 8-pixel grid. Blocks are
     combined with `debiased_strength`; the result is an RMS relative deviation per phase.
     """
-    residual = np.minimum(np.abs(laplacian_residual(plane)), DIFF_CLIP)
+    residual = np.minimum(np.abs(luma_residual), DIFF_CLIP)
     folded = blocks(residual).reshape(-1, 4, PERIOD, 4, PERIOD).mean(axis=(1, 3))  # (n, 8, 8)
     interior = folded[:, 1:-1, 1:-1].astype(np.float64)
     relative = interior / np.maximum(interior.mean(axis=(1, 2), keepdims=True), 1e-12)
@@ -129,9 +129,10 @@ def _interior_variation(plane: FloatArray) -> float:
     return debiased_strength(beyond_lattice.reshape(len(beyond_lattice), -1)) / 6.0
 
 
-def grid_evidence(crop: FloatArray) -> dict[str, Any]:
+def grid_evidence(crop: FloatArray | EvidenceInputs) -> dict[str, Any]:
     """Grid metrics of an RGB crop whose origin is on the 8x8 JPEG lattice. Returns records plus `summary`."""
-    plane = luminance(crop)
+    inputs = as_inputs(crop)
+    plane = inputs.luma
     across_cols = _axis_measures(plane)
     across_rows = _axis_measures(np.ascontiguousarray(plane.T))
     combined = {key: 0.5 * (across_cols[key] + across_rows[key]) for key in across_cols}
@@ -149,7 +150,7 @@ def grid_evidence(crop: FloatArray) -> dict[str, Any]:
     metrics["interior_var8"] = metric(
         GROUP,
         "interior_var8",
-        _interior_variation(plane),
+        _interior_variation(inputs.luma_residual),
         "variation of residual energy over the 6x6 block-interior phases (decoder grid, no JPEG boundary)",
     )
     result: dict[str, Any] = dict(metrics)

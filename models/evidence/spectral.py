@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import fft, ndimage, stats
 
-from models.evidence._common import FloatArray, blocks, laplacian_residual, luminance, metric, summarise
+from models.evidence._common import EvidenceInputs, FloatArray, as_inputs, blocks, metric, summarise
 
 GROUP = "spectral"
 
@@ -56,7 +56,7 @@ def _window_and_grid(tile: int) -> tuple[FloatArray, np.ndarray, np.ndarray]:
     return window, radius, weight
 
 
-def spectral_evidence(crop: FloatArray) -> dict[str, Any]:
+def spectral_evidence(crop: FloatArray | EvidenceInputs) -> dict[str, Any]:
     """Spectral metrics of an RGB crop (side >= 64). Returns metric records plus a `summary` string.
 
     Band energies come from the Welch average of 64 px tiles. Peaks are judged per tile against the expected
@@ -64,7 +64,7 @@ def spectral_evidence(crop: FloatArray) -> dict[str, Any]:
     level), so the per-tile peak count and strength have the same distribution for a small image as for a
     large one; they are averaged over tiles.
     """
-    residual = laplacian_residual(luminance(crop))
+    residual = as_inputs(crop).luma_residual
     tiles = blocks(residual, TILE)
     tiles = tiles - tiles.mean(axis=(1, 2), keepdims=True)
     window, radius, weight = _window_and_grid(TILE)
