@@ -324,3 +324,35 @@ def due_delivery_ids_now(session, *, grace_s, later_s=0.0):
     from worker.webhook_delivery import due_delivery_ids
 
     return due_delivery_ids(session, now=utcnow() + timedelta(seconds=later_s), grace_s=grace_s)
+
+
+def test_secrets_are_neither_in_the_database_nor_in_the_logs(pg_session_factory, fast, receiver, caplog):
+    import logging
+
+    receiver.expect_request("/hook").respond_with_handler(Script((500, {}), (200, {})))
+    caplog.set_level(logging.DEBUG)
+    endpoint_id, secret = _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        _, new_secret = rotate_endpoint_secret(
+            session, SecretCipher(fast.require_secret_key()), endpoint_id, overlap_s=60
+        )
+    _, ids = _flag(pg_session_factory, callback_url=receiver.url_for("/hook"))
+    for delivery_id in ids:
+        drive(pg_session_factory, delivery_id, fast)
+    with session_scope(pg_session_factory) as session:
+        client_secret = reveal_client_secret(session, SecretCipher(fast.require_secret_key()), "acme")
+        dump = " ".join(
+            session.scalars(
+                sa.text(
+                    "SELECT row_to_json(t)::text FROM webhook_endpoints t UNION ALL "
+                    "SELECT row_to_json(t)::text FROM webhook_client_secrets t UNION ALL "
+                    "SELECT row_to_json(t)::text FROM webhook_deliveries t UNION ALL "
+                    "SELECT row_to_json(t)::text FROM webhook_attempts t"
+                )
+            )
+        )
+    assert endpoint_id and str(endpoint_id) in dump  # the dump is real
+    for plaintext in (secret, new_secret, client_secret):
+        core = plaintext.removeprefix("whsec_")
+        assert core not in dump
+        assert core not in caplog.text
