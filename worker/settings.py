@@ -6,12 +6,13 @@ Built inside factories (``create_celery_app(settings)``, the CLI), never at impo
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from functools import cached_property
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from pydantic import Field, NonNegativeFloat, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -63,8 +64,9 @@ class Settings(BaseSettings):
     reconcile_after_s: float = Field(default=120.0, gt=0)
     webhook_timeout_s: float = Field(default=15.0, gt=0)
     # Webhook delivery (worker/webhook_delivery.py). Wait before attempt 1, 2, ...: the Standard Webhooks/Svix
-    # schedule (8 attempts over ~28 h), jittered by +-webhook_retry_jitter. JSON list in the environment.
-    webhook_retry_delays_s: tuple[NonNegativeFloat, ...] = Field(
+    # schedule (8 attempts over ~28 h), jittered by +-webhook_retry_jitter.
+    # NoDecode: the environment value is "0,5,300" or a JSON list, split by _split_delays below.
+    webhook_retry_delays_s: Annotated[tuple[NonNegativeFloat, ...], NoDecode] = Field(
         default=(0, 5, 300, 1800, 7200, 18000, 36000, 36000), min_length=1
     )
     webhook_retry_jitter: float = Field(default=0.2, ge=0, lt=1)
@@ -138,6 +140,16 @@ class Settings(BaseSettings):
             raise ValueError("is a placeholder value; generate one with `openssl rand -hex 32`")
         if len(secret) < SECRET_KEY_MIN_LEN:
             raise ValueError(f"is shorter than {SECRET_KEY_MIN_LEN} characters")
+        return value
+
+    @field_validator("webhook_retry_delays_s", mode="before")
+    @classmethod
+    def _split_delays(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)  # a JSONDecodeError is a ValueError: reported like any bad value
+            return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
     @field_validator("device")

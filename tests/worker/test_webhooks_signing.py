@@ -206,3 +206,23 @@ def test_send_classifies_responses_and_caps_body():
 
     missing = wh.send_webhook(client, "http://receiver/nope", b"{}", {}, timeout_s=5)
     assert missing.outcome is wh.Outcome.FAILED and missing.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"), [("0,5,300", (0.0, 5.0, 300.0)), ("[0, 1.5]", (0.0, 1.5)), (" 0 , 2 ", (0.0, 2.0))]
+)
+def test_retry_schedule_from_the_environment(monkeypatch, env, expected):
+    from worker.settings import load_settings
+
+    monkeypatch.setenv("SYNTHGUARD_WEBHOOK_RETRY_DELAYS_S", env)
+    assert load_settings().webhook_retry_delays_s == expected
+
+
+@pytest.mark.parametrize("env", ["abc", "[1,", "", "-5,1"])
+def test_bad_retry_schedule_is_one_clear_line(monkeypatch, env):
+    from worker.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("SYNTHGUARD_WEBHOOK_RETRY_DELAYS_S", env)
+    with pytest.raises(SettingsError, match="SYNTHGUARD_WEBHOOK_RETRY_DELAYS_S") as excinfo:
+        load_settings()
+    assert "\n" not in str(excinfo.value)
