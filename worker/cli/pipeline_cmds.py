@@ -113,7 +113,8 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], output_format: 
         return
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
-    click.echo("  ".join(column.upper().ljust(width) for column, width in zip(columns, widths, strict=True)))
+    header = "  ".join(column.upper().ljust(width) for column, width in zip(columns, widths, strict=True))
+    click.echo(header.rstrip())
     for line in cells:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
