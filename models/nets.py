@@ -30,7 +30,7 @@ class NetConfig:
     """Shape of `ResidualNet`; saved in the weights file so a file always rebuilds its own network."""
 
     stem_channels: int = 16
-    width: int = 64
+    width: int = 48
     unshuffle: int = 4
     blocks: int = 2
 

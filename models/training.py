@@ -65,7 +65,7 @@ Log = Callable[[str], None]
 class Augmentation:
     """Probabilities and ranges of the augmentations; identical for both classes."""
 
-    lossless_history_p: float = 0.7
+    lossless_history_p: float = 0.8
     history_quality: tuple[int, int] = (70, 100)
     final_jpeg_p: float = 0.65
     final_quality: tuple[int, int] = (60, 100)
@@ -77,7 +77,7 @@ class Augmentation:
 class TrainConfig:
     """Everything that determines a training run (saved into the weights file)."""
 
-    steps: int = 3000
+    steps: int = 5000
     max_minutes: float = 55.0
     seed: int = 0
     batch_size: int = 64
@@ -86,13 +86,13 @@ class TrainConfig:
     crop_size: int = CROP_SIZE
     max_crops: int = DEFAULT_MAX_CROPS
     calibration_fraction: float = 0.15
-    reconstruction_share: float = 0.3
+    reconstruction_share: float = 0.25
     reconstruction_side: int = 192
     exclude_sources: tuple[str, ...] = ()
     exclude_paths: tuple[str, ...] = ()
     net: NetConfig = field(default_factory=NetConfig)
     augmentation: Augmentation = field(default_factory=Augmentation)
-    threads: int = 2
+    threads: int = 1
 
 
 @dataclass
@@ -102,6 +102,7 @@ class Sample:
     pixels: NDArray[np.uint8]
     family: int
     lossless: bool
+    source: str
     is_reconstruction: bool = False
 
 
@@ -144,6 +145,8 @@ def split_calibration(rows: Sequence[ManifestRow], fraction: float, seed: int) -
         members = by_source[source]
         order = rng.permutation(len(members))
         n_cal = round(len(members) * fraction)
+        if n_cal == 0 and fraction > 0 and len(members) >= 3:
+            n_cal = 1  # every source of some size is represented when the thresholds are set
         calibration += [members[i] for i in order[:n_cal]]
         train += [members[i] for i in order[n_cal:]]
     return sorted(train), sorted(calibration)
@@ -188,8 +191,7 @@ def reconstructions(
 def _batch(
     samples: Sequence[Sample],
     *,
-    pools: Sequence[Sequence[int]],
-    pool_weights: Sequence[float],
+    probabilities: NDArray[np.float64],
     size: int,
     batch_size: int,
     aug: Augmentation,
@@ -197,13 +199,54 @@ def _batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     crops = np.empty((batch_size, size, size, 3), dtype=np.uint8)
     labels = np.empty(batch_size, dtype=np.int64)
-    for i in range(batch_size):
-        pool = pools[int(rng.choice(len(pools), p=pool_weights))]
-        sample = samples[pool[int(rng.integers(0, len(pool)))]]
+    for i, index in enumerate(rng.choice(len(samples), size=batch_size, p=probabilities)):
+        sample = samples[int(index)]
         crops[i] = augmented_crop(sample, size, aug, rng)
         labels[i] = sample.family
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
     return x, torch.from_numpy(labels)
+
+
+def sampling_probabilities(
+    samples: Sequence[Sample], crop_size: int, reconstruction_share: float
+) -> NDArray[np.float64]:
+    """Per-image probability of being drawn: half real, half generated (reconstructions take their share of
+    the generated half), and within each part an image's weight is 1/sqrt(size of its source), so one large
+    source (400 images from one website) does not decide what "generated" looks like.
+
+    Raises:
+        ManifestError: a class has no image large enough for a crop.
+    """
+    usable = np.array([min(s.pixels.shape[:2]) >= crop_size for s in samples])
+    parts = {
+        "real": np.array([s.family == 0 for s in samples]),
+        "generated": np.array([s.family != 0 and not s.is_reconstruction for s in samples]),
+        "reconstruction": np.array([s.is_reconstruction for s in samples]),
+    }
+    shares = {
+        "real": 0.5,
+        "generated": 0.5 * (1 - reconstruction_share),
+        "reconstruction": 0.5 * reconstruction_share,
+    }
+    if not (parts["reconstruction"] & usable).any():
+        shares["generated"] = 0.5
+        shares["reconstruction"] = 0.0
+    if not (parts["generated"] & usable).any():
+        shares["reconstruction"] = 0.5 if shares["reconstruction"] else 0.0
+        shares["generated"] = 0.0
+    if not (parts["real"] & usable).any() or shares["generated"] + shares["reconstruction"] == 0:
+        raise ManifestError(f"training needs real and generated images of at least {crop_size} px")
+    counts: dict[str, int] = {}
+    for sample in samples:
+        counts[sample.source] = counts.get(sample.source, 0) + 1
+    base = np.array([1.0 / math.sqrt(counts[s.source]) for s in samples]) * usable
+    probabilities = np.zeros(len(samples))
+    for name, mask in parts.items():
+        part = base * mask
+        if part.sum() > 0:
+            probabilities += shares[name] * part / part.sum()
+    normalised: NDArray[np.float64] = probabilities / probabilities.sum()
+    return normalised
 
 
 def train_net(
@@ -214,20 +257,7 @@ def train_net(
     """Train the CNN on `samples` for `config.steps` steps (or until `max_minutes`), cosine learning rate."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    usable = [i for i, s in enumerate(samples) if min(s.pixels.shape[:2]) >= config.crop_size]
-    reals = [i for i in usable if samples[i].family == 0]
-    fakes = [i for i in usable if samples[i].family != 0 and not samples[i].is_reconstruction]
-    recons = [i for i in usable if samples[i].is_reconstruction]
-    if not reals or not (fakes or recons):
-        raise ManifestError("training needs at least one real and one generated image of at least 64 px")
-    pools: list[list[int]] = [reals]
-    weights = [0.5]
-    if fakes and recons:
-        pools += [fakes, recons]
-        weights += [0.5 * (1 - config.reconstruction_share), 0.5 * config.reconstruction_share]
-    else:
-        pools.append(fakes or recons)
-        weights.append(0.5)
+    probabilities = sampling_probabilities(samples, config.crop_size, config.reconstruction_share)
     net = ResidualNet(config.net)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     started = time.monotonic()
@@ -239,8 +269,7 @@ def train_net(
             group["lr"] = lr
         x, y = _batch(
             samples,
-            pools=pools,
-            pool_weights=weights,
+            probabilities=probabilities,
             size=config.crop_size,
             batch_size=config.batch_size,
             aug=config.augmentation,
@@ -265,57 +294,117 @@ def _rgb_float(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
     return pixels.astype(np.float32) / np.float32(255.0)
 
 
-def condition_inputs(
-    pixels: NDArray[np.uint8], condition: str, crop_size: int, max_crops: int
+#: Evidence features the fusion never uses: they measure whether and how the file was JPEG-compressed,
+#: which is a property of how an image was stored, not of how it was made (the format shortcut the dataset
+#: warns about).
+COMPRESSION_FEATURES = frozenset({"grid.jpeg_blockiness", "grid.jpeg_phase_share"})
+
+#: Variants per calibration image used to fit the fusion (each with a training-style compression history).
+FUSION_VARIANTS = 3
+
+
+def image_inputs(
+    pixels: NDArray[np.uint8], crop_size: int, max_crops: int
 ) -> tuple[torch.Tensor, NDArray[np.float32]]:
-    """Crops and evidence features of one cached image under an evaluation condition."""
+    """Crops and evidence features of one image, computed by the detector's own code."""
     from models.detector import evidence_vector  # noqa: PLC0415 - avoids an import cycle at module load
 
-    image = apply_condition(_rgb_float(pixels), condition)  # type: ignore[arg-type]
-    rgb = _rgb_float(np.asarray(image.convert("RGB")))
+    rgb = _rgb_float(pixels)
     return crop_tensor(rgb, crop_size, max_crops), evidence_vector(rgb)[1]
+
+
+def condition_pixels(pixels: NDArray[np.uint8], condition: str) -> NDArray[np.uint8]:
+    image = apply_condition(_rgb_float(pixels), condition)  # type: ignore[arg-type]
+    return np.asarray(image.convert("RGB"))
+
+
+def history_variant(
+    pixels: NDArray[np.uint8], lossless: bool, aug: Augmentation, rng: np.random.Generator
+) -> NDArray[np.uint8]:
+    """The whole image with the training augmentation's compression history (same draws for both classes)."""
+    out = pixels
+    if lossless and rng.random() < aug.lossless_history_p:
+        out = _jpeg(out, int(rng.integers(aug.history_quality[0], aug.history_quality[1] + 1)))
+    if rng.random() < aug.final_jpeg_p:
+        out = _jpeg(out, int(rng.integers(aug.final_quality[0], aug.final_quality[1] + 1)))
+    return out
+
+
+def _fused_scores(
+    fusion: Fusion, cnn: NDArray[np.float32], features: Sequence[NDArray[np.float32]]
+) -> NDArray[Any]:
+    fused = np.array([fusion.logit(float(c), f) for c, f in zip(cnn, features, strict=True)])
+    scores: NDArray[Any] = 1.0 / (1.0 + np.exp(-fused))
+    return scores
 
 
 def calibrate(
     net: ResidualNet,
     pixels: Sequence[NDArray[np.uint8]],
     labels: Sequence[int],
+    *,
+    lossless: Sequence[bool],
     config: TrainConfig,
     log: Log,
 ) -> tuple[Fusion, dict[str, float], dict[str, Any]]:
-    """Fit the fusion on the calibration images under every condition; thresholds from their real images
-    only.
+    """Fit the fusion on the calibration images, then set the thresholds from their real images only.
+
+    The fusion is fitted on variants carrying the training augmentation's compression history, so that, as for
+    the CNN, "was it ever JPEG-compressed" cannot separate the classes. The thresholds are then read off the
+    calibration reals under the three evaluation conditions: "generated" at the 99th percentile of their
+    scores, "uncertain" at the 95th.
     """
     from models.evidence import FEATURE_NAMES  # noqa: PLC0415
 
-    crops: list[torch.Tensor] = []
-    features: list[NDArray[np.float32]] = []
-    y: list[int] = []
-    for image, label in zip(pixels, labels, strict=True):
+    rng = np.random.default_rng(config.seed + 31337)
+    used = [i for i, name in enumerate(FEATURE_NAMES) if name not in COMPRESSION_FEATURES]
+    fit_crops: list[torch.Tensor] = []
+    fit_features: list[NDArray[np.float32]] = []
+    fit_labels: list[int] = []
+    eval_crops: list[torch.Tensor] = []
+    eval_features: list[NDArray[np.float32]] = []
+    eval_labels: list[int] = []
+    for image, label, is_lossless in zip(pixels, labels, lossless, strict=True):
         if min(image.shape[:2]) < config.crop_size:
             continue
+        for _ in range(FUSION_VARIANTS):
+            variant = history_variant(image, is_lossless, config.augmentation, rng)
+            crop, feature = image_inputs(variant, config.crop_size, config.max_crops)
+            fit_crops.append(crop)
+            fit_features.append(feature[used])
+            fit_labels.append(label)
         for condition in CONDITIONS:
-            crop, feature = condition_inputs(image, condition, config.crop_size, config.max_crops)
-            crops.append(crop)
-            features.append(feature)
-            y.append(label)
-    outputs = cnn_outputs(net, crops, torch.device("cpu"))
-    cnn = np.array([o.logit for o in outputs], dtype=np.float32)
-    labels_arr = np.array(y, dtype=np.int64)
-    fusion = fit_fusion(cnn, np.stack(features), labels_arr, FEATURE_NAMES)
-    fused = np.array([fusion.logit(c, f) for c, f in zip(cnn, features, strict=True)])
-    scores = 1.0 / (1.0 + np.exp(-fused))
-    real_scores = scores[labels_arr == 0]
+            crop, feature = image_inputs(
+                condition_pixels(image, condition), config.crop_size, config.max_crops
+            )
+            eval_crops.append(crop)
+            eval_features.append(feature[used])
+            eval_labels.append(label)
+    device = torch.device("cpu")
+    fit_cnn = np.array([o.logit for o in cnn_outputs(net, fit_crops, device)], dtype=np.float32)
+    eval_cnn = np.array([o.logit for o in cnn_outputs(net, eval_crops, device)], dtype=np.float32)
+    fusion = fit_fusion(
+        fit_cnn,
+        np.stack(fit_features),
+        np.array(fit_labels, dtype=np.int64),
+        [FEATURE_NAMES[i] for i in used],
+    )
+    eval_y = np.array(eval_labels, dtype=np.int64)
+    scores = _fused_scores(fusion, eval_cnn, eval_features)
+    real_scores = scores[eval_y == 0]
     thresholds = {
         "generated": float(np.quantile(real_scores, 0.99)),
         "uncertain": float(np.quantile(real_scores, 0.95)),
     }
-    stats = {
-        "calibration_images": len(y) // len(CONDITIONS),
-        "calibration_reals": int((labels_arr == 0).sum()) // len(CONDITIONS),
-        "cnn_auc": roc_auc(labels_arr, cnn),
-        "fused_auc": roc_auc(labels_arr, fused),
+    stats: dict[str, Any] = {
+        "calibration_images": len(eval_labels) // len(CONDITIONS),
+        "calibration_reals": int((eval_y == 0).sum()) // len(CONDITIONS),
+        "fusion_fit_auc": roc_auc(np.array(fit_labels), _fused_scores(fusion, fit_cnn, fit_features)),
     }
+    n = len(CONDITIONS)
+    for k, condition in enumerate(CONDITIONS):
+        stats[f"cnn_auc_{condition}"] = roc_auc(eval_y[k::n], eval_cnn[k::n])
+        stats[f"fused_auc_{condition}"] = roc_auc(eval_y[k::n], scores[k::n])
     log(f"calibration: {stats}; thresholds {thresholds}")
     return fusion, thresholds, stats
 
@@ -366,6 +455,10 @@ def train(
     train_local, cal_local = split_calibration(kept_rows, config.calibration_fraction, config.seed)
     train_idx = [keep[i] for i in train_local]
     cal_idx = [keep[i] for i in cal_local]
+    if {rows[i].label for i in cal_idx} != {"real", "fake"}:
+        raise ManifestError(
+            "the calibration split needs real and generated images (sources of at least 3 images each)"
+        )
     log(
         f"{len(train_idx)} training images, {len(cal_idx)} calibration images, "
         f"{len(rows) - len(keep)} excluded"
@@ -375,6 +468,7 @@ def train(
             pixels=cache.images[i],
             family=rows[i].family,
             lossless=rows[i].file_format in LOSSLESS_FORMATS,
+            source=rows[i].source,
         )
         for i in train_idx
     ]
@@ -389,11 +483,18 @@ def train(
             cache_path=cache_dir / f"taef2-{config.reconstruction_side}.pt",
             log=log,
         )
-        samples += [Sample(pixels=p, family=1, lossless=True, is_reconstruction=True) for p in recon]
+        samples += [
+            Sample(pixels=p, family=1, lossless=True, source="taef2", is_reconstruction=True) for p in recon
+        ]
         n_recon = len(recon)
     net = train_net(samples, config, log)
     fusion, thresholds, stats = calibrate(
-        net, [cache.images[i] for i in cal_idx], [int(rows[i].is_fake) for i in cal_idx], config, log
+        net,
+        [cache.images[i] for i in cal_idx],
+        [int(rows[i].is_fake) for i in cal_idx],
+        lossless=[rows[i].file_format in LOSSLESS_FORMATS for i in cal_idx],
+        config=config,
+        log=log,
     )
     summary: dict[str, Any] = {
         "manifest": str(manifest),

@@ -1,0 +1,196 @@
+"""Training end to end on tiny images made here, the augmentation's class-blindness, and the taef2 module."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import detector_from_weights
+from models.data import ManifestError, read_manifest
+from models.preprocess import CROP_ALIGN
+from models.taef2 import TinyAutoencoder
+from models.training import (
+    Augmentation,
+    Sample,
+    TrainConfig,
+    augmented_crop,
+    sampling_probabilities,
+    split_calibration,
+    train,
+)
+from tests.conftest import shared_dir
+
+
+def _smooth_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Stand-in for a generated image: coarse noise upsampled 8x by nearest neighbour (a decoder grid)."""
+    small = rng.random((size // 8, size // 8, 3))
+    return (np.kron(small, np.ones((8, 8, 1))) * 255).astype(np.uint8)
+
+
+def _camera_like(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Stand-in for a photo: fine-grained sensor-like noise around a gradient."""
+    ramp = np.linspace(40, 200, size)[None, :, None]
+    return np.clip(ramp + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def write_tiny_manifest(folder: Path, per_class: int = 6, size: int = 96) -> Path:
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(per_class):
+        for label, maker, fmt in (("real", _camera_like, "JPEG"), ("fake", _smooth_noise, "PNG")):
+            rel = f"{label}/{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            (folder / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(maker(rng, size)).save(folder / rel, format=fmt, quality=95)
+            generator = "camera" if label == "real" else "test-diffusion"
+            source = f"github:test/{label}-{i % 2}"
+            rows.append(
+                {"relpath": rel, "label": label, "generator": generator, "source_repo": source, "format": fmt}
+            )
+    path = folder / "manifest.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+TINY = TrainConfig(steps=6, batch_size=8, calibration_fraction=0.34, max_crops=4)
+
+
+def test_tiny_training_produces_weights_that_load_and_detect(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data")
+    weights = train(manifest, tmp_path / "out", TINY, cache_dir=tmp_path / "cache", log=lambda _: None)
+    assert weights.is_file()
+    assert weights.stat().st_size < 20 * 1024 * 1024
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["training_images"] + summary["calibration"]["calibration_images"] == 12
+    assert 0.0 <= summary["thresholds"]["uncertain"] <= summary["thresholds"]["generated"] <= 1.0
+    detector = detector_from_weights(weights, device="cpu")
+    detections = detector.detect([Image.fromarray(_smooth_noise(np.random.default_rng(5), 128))])
+    assert detections[0].decided_by == "pixels"
+    assert detector.model_id.endswith(summary_sha(weights))
+
+
+def summary_sha(path: Path) -> str:
+    from models.detector import sha256_of
+
+    return sha256_of(path)[:12]
+
+
+def test_training_is_reproducible_with_a_seed(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data")
+    first = train(manifest, tmp_path / "a", TINY, cache_dir=tmp_path / "cache", log=lambda _: None)
+    second = train(manifest, tmp_path / "b", TINY, cache_dir=tmp_path / "cache", log=lambda _: None)
+    state_a = torch.load(first, weights_only=True)["state_dict"]
+    state_b = torch.load(second, weights_only=True)["state_dict"]
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_excluding_an_unknown_source_is_a_clear_error(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data")
+    config = TrainConfig(steps=1, exclude_sources=("fake:nowhere",))
+    with pytest.raises(ManifestError, match="matches no source"):
+        train(manifest, tmp_path / "out", config, cache_dir=tmp_path / "cache", log=lambda _: None)
+
+
+def test_excluding_a_whole_class_is_refused(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data")
+    config = TrainConfig(steps=1, exclude_sources=("fake:github:test/fake-0", "fake:github:test/fake-1"))
+    with pytest.raises(ManifestError, match="real and generated"):
+        train(manifest, tmp_path / "out", config, cache_dir=tmp_path / "cache", log=lambda _: None)
+
+
+def test_augmentation_never_depends_on_the_class():
+    pixels = _camera_like(np.random.default_rng(0), 128)
+    aug = Augmentation(lossless_history_p=0.5, final_jpeg_p=0.5, off_lattice_p=0.0)
+    for seed in range(20):
+        real_sample = Sample(pixels, family=0, lossless=True, source="a")
+        fake_sample = Sample(pixels, family=1, lossless=True, source="b")
+        real = augmented_crop(real_sample, 64, aug, np.random.default_rng(seed))
+        fake = augmented_crop(fake_sample, 64, aug, np.random.default_rng(seed))
+        assert np.array_equal(real, fake)
+
+
+def test_crops_stay_on_the_jpeg_lattice_unless_told_otherwise():
+    # A ramp image: the crop's first pixel reveals its offset.
+    ramp = np.zeros((256, 256, 3), dtype=np.uint8)
+    ramp[..., 0] = np.arange(256)[None, :]
+    ramp[..., 1] = np.arange(256)[:, None]
+    aug = Augmentation(lossless_history_p=0.0, final_jpeg_p=0.0, off_lattice_p=0.0, flip_p=0.0)
+    sample = Sample(ramp, family=0, lossless=True, source="a")
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        crop = augmented_crop(sample, 64, aug, rng)
+        assert crop.shape == (64, 64, 3)
+        assert int(crop[0, 0, 0]) % CROP_ALIGN == 0
+        assert int(crop[0, 0, 1]) % CROP_ALIGN == 0
+
+
+def test_sampling_balances_classes_and_damps_large_sources():
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    samples = [Sample(img, 0, False, "real:big") for _ in range(100)] + [Sample(img, 0, False, "real:small")]
+    samples += [Sample(img, 1, True, "fake:x") for _ in range(4)]
+    samples += [Sample(img, 1, True, "taef2", is_reconstruction=True) for _ in range(10)]
+    p = sampling_probabilities(samples, 64, reconstruction_share=0.25)
+    assert p.sum() == pytest.approx(1.0)
+    assert p[:101].sum() == pytest.approx(0.5)
+    assert p[101:105].sum() == pytest.approx(0.375)
+    assert p[105:].sum() == pytest.approx(0.125)
+    # 1/sqrt(100) vs 1/sqrt(1): the small source's image is drawn 10x as often as one big-source image.
+    assert p[100] / p[0] == pytest.approx(10.0)
+
+
+def test_too_small_images_are_never_sampled():
+    samples = [
+        Sample(np.zeros((32, 200, 3), np.uint8), 0, False, "a"),
+        Sample(np.zeros((64, 64, 3), np.uint8), 0, False, "a"),
+    ]
+    samples.append(Sample(np.zeros((64, 64, 3), np.uint8), 1, True, "b"))
+    p = sampling_probabilities(samples, 64, reconstruction_share=0.0)
+    assert p[0] == 0.0
+
+
+def test_calibration_split_takes_a_share_of_every_source(tmp_path):
+    rows = read_manifest(write_tiny_manifest(tmp_path / "data", per_class=10))
+    train_idx, cal_idx = split_calibration(rows, 0.2, seed=0)
+    assert not set(train_idx) & set(cal_idx)
+    assert len(train_idx) + len(cal_idx) == len(rows)
+    for source in {r.source for r in rows}:
+        assert sum(rows[i].source == source for i in cal_idx) == 1  # 20% of 5 images per source
+
+
+def _cbsd68_crop() -> torch.Tensor:
+    folder = shared_dir() / "datasets" / "dev" / "real" / "cszn__IRCNN"
+    images = sorted(folder.rglob("*.png")) if folder.is_dir() else []
+    if not images:
+        pytest.skip(f"CBSD68 photos not found under {folder}")
+    with Image.open(images[0]) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    top, left = (rgb.shape[0] - 256) // 2, (rgb.shape[1] - 256) // 2
+    crop = np.ascontiguousarray(rgb[top : top + 256, left : left + 256])
+    return torch.from_numpy(crop).permute(2, 0, 1)[None]
+
+
+def test_taef2_loads_strictly_and_round_trips_a_photo():
+    weights = shared_dir() / "weights" / "taef2"
+    if not (weights / "taef2_encoder.pth").is_file():
+        pytest.skip(f"taef2 weights not found at {weights}")
+    torch.set_num_threads(1)
+    model = TinyAutoencoder.from_dir(weights)
+    assert sum(p.numel() for p in model.encoder.parameters()) == pytest.approx(1.34e6, rel=0.05)
+    x = _cbsd68_crop()
+    y = model.reconstruct(x)
+    psnr = 10 * torch.log10(1 / ((y - x) ** 2).mean())
+    assert 24.0 < float(psnr) < 32.0
+    assert not torch.equal(x, y)
+
+
+def test_taef2_refuses_sides_off_the_latent_grid():
+    with pytest.raises(ValueError, match="multiples of 8"):
+        TinyAutoencoder().reconstruct(torch.zeros(1, 3, 60, 64))

@@ -1,0 +1,106 @@
+"""`detect`, `eval` and `train` commands, through a click group built here (as worker/cli builds its own)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tests.images import photo
+from tests.models.test_training import write_tiny_manifest
+from worker.cli.models_cmds import register
+
+
+@pytest.fixture
+def cli() -> click.Group:
+    @click.group()
+    def group() -> None:
+        """test group"""
+
+    register(group)
+    return group
+
+
+def test_commands_are_registered(cli):
+    assert {"detect", "eval", "train"} <= set(cli.commands)
+
+
+def test_detect_prints_one_json_object_per_image(cli, tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.jpg"
+    photo("astronaut.png", 200).save(first)
+    photo("coffee.png", 160).save(second, quality=90)
+    result = CliRunner().invoke(cli, ["detect", str(first), str(second)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [line["path"] for line in lines] == [str(first), str(second)]
+    for line in lines:
+        assert {"path", "score", "verdict", "family_scores", "evidence", "model"} <= set(line)
+        assert line["model"].startswith("synthguard-v1@")
+        assert line["verdict"] in {"generated", "real", "uncertain"}
+
+
+def test_detect_reports_unreadable_files_and_exits_nonzero(cli, tmp_path):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    photo("chelsea.png", 128).save(good)
+    bad.write_bytes(b"not an image at all")
+    result = CliRunner().invoke(cli, ["detect", str(bad), str(good), "--no-evidence"])
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert "cannot read image" in lines[0]["error"]
+    assert lines[1]["path"] == str(good) and "evidence" not in lines[1]
+
+
+def test_detect_small_image_is_uncertain_not_a_crash(cli, tmp_path):
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (20, 20)).save(tiny)
+    result = CliRunner().invoke(cli, ["detect", str(tiny)])
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.output)
+    assert line["verdict"] == "uncertain" and line["decided_by"] == "unanalysable"
+
+
+def test_eval_json_and_table(cli, tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=3, size=96)
+    args = ["eval", str(manifest), "--conditions", "crop512_png", "--format", "json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert list(report["conditions"]) == ["crop512_png"]
+    assert report["conditions"]["crop512_png"]["n_real"] == 3
+    table = CliRunner().invoke(cli, ["eval", str(manifest), "--conditions", "native"])
+    assert table.exit_code == 0 and "AUC" in table.output
+
+
+def test_eval_rejects_unknown_condition_and_holdout(cli, tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=2, size=96)
+    bad = CliRunner().invoke(cli, ["eval", str(manifest), "--conditions", "webp"])
+    assert bad.exit_code != 0 and "unknown condition" in bad.output
+    missing = CliRunner().invoke(cli, ["eval", str(manifest), "--holdout-source", "fake:nowhere"])
+    assert missing.exit_code != 0 and "not in the manifest" in missing.output
+
+
+def test_eval_holdout_source(cli, tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=4, size=96)
+    args = ["eval", str(manifest), "--holdout-source", "fake:github:test/fake-1", "--conditions", "native"]
+    result = CliRunner().invoke(cli, [*args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["holdout_sources"] == ["fake:github:test/fake-1"]
+    assert report["conditions"]["native"]["n_generated"] == 2
+
+
+def test_train_then_detect_with_the_new_weights(cli, tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=6, size=96)
+    out = tmp_path / "model"
+    args = ["train", str(manifest), "--out", str(out), "--steps", "3", "--cache-dir", str(tmp_path / "cache")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "weights.pt").is_file()
+    image = tmp_path / "x.png"
+    photo("rocket.jpg", 128).save(image)
+    detected = CliRunner().invoke(cli, ["detect", str(image), "--weights", str(out / "weights.pt")])
+    assert detected.exit_code == 0, detected.output
+    assert json.loads(detected.output)["model"].startswith("synthguard-local@local+")
