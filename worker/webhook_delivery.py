@@ -33,6 +33,7 @@ from db.tables import Client
 from db.webhook_tables import WebhookAttempt, WebhookClientSecret, WebhookDelivery, WebhookEndpoint
 from worker.settings import Settings
 from worker.webhooks import (
+    EVENT_PING,
     Outcome,
     RetryPolicy,
     SecretCipher,
@@ -323,7 +324,8 @@ def _record(
                 _finish(delivery, "failed", result.error, now)
                 return DeliveryStep(delivery_id, "failed", result.outcome, detail=result.error)
 
-        if result.outcome is Outcome.RETRY:
+        # A ping (`synthguard webhooks test`) is answered to an operator who is watching: one attempt only.
+        if result.outcome is Outcome.RETRY and delivery.event_type != EVENT_PING:
             delay = config.policy.delay_before(
                 delivery.schedule_position + 1, retry_after_s=result.retry_after_s
             )

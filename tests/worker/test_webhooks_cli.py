@@ -103,11 +103,14 @@ def test_add_warns_when_the_url_is_refused_now(cli):
     assert "warning" in result.output and "cloud metadata" in result.output
 
 
-def test_test_to_a_failing_receiver_exits_nonzero(cli, receiver):
-    receiver.expect_request("/hook").respond_with_data("nope", status=404)
+@pytest.mark.parametrize("status", [404, 503])
+def test_test_to_a_failing_receiver_exits_nonzero_after_one_attempt(cli, receiver, status):
+    receiver.expect_request("/hook").respond_with_data("nope", status=status)
     endpoint_id, _ = _add(cli, receiver.url_for("/hook"))
     result = cli("test", endpoint_id, ok=False)
-    assert result.exit_code == 1 and "HTTP 404" in result.output
+    assert result.exit_code == 1 and f"HTTP {status}" in result.output and "failed" in result.output
+    (ping,) = json.loads(cli("deliveries", "--format", "json").output)
+    assert ping["event"] == "ping" and ping["status"] == "failed" and ping["attempts"] == 1
 
 
 def test_deliveries_show_and_redeliver(cli, receiver, pg_session_factory, settings, queue_name):
