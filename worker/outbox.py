@@ -22,6 +22,7 @@ from typing import Final
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from db import queries
 from db.base import utcnow
 from db.tables import Check, Client, Review, Verdict
 from db.webhook_tables import WebhookDelivery, WebhookEndpoint
@@ -35,7 +36,14 @@ from worker.webhooks import (
     build_payload,
 )
 
-__all__ = ["is_flagged", "message_id_for", "record_check_events", "record_check_failed", "record_review"]
+__all__ = [
+    "is_flagged",
+    "message_id_for",
+    "record_check_events",
+    "record_check_failed",
+    "record_review",
+    "review_check",
+]
 
 # Namespace for deterministic message ids: the same event of the same check always gets the same webhook-id,
 # so a pipeline re-run that records it again is recognisable by the receiver as a duplicate.
@@ -193,6 +201,22 @@ def record_review(
     data = _event_data(check, check.verdict, review=review)
     key = f"{EVENT_REVIEWED}:{review.id}"
     return _insert(session, check, EVENT_REVIEWED, key, data, include_callback=changed, now=now or utcnow())
+
+
+def review_check(
+    session: Session,
+    check_id: uuid.UUID,
+    *,
+    reviewer: str,
+    new_verdict: str,
+    note: str | None = None,
+    now: datetime | None = None,
+) -> tuple[Review, list[uuid.UUID]]:
+    """Store a reviewer's decision (``db.queries.record_review``) and its ``check.reviewed`` outbox rows in
+    the caller's transaction; enqueue the returned delivery ids after commit. For the review commands."""
+    review = queries.record_review(session, check_id, reviewer=reviewer, new_verdict=new_verdict, note=note)
+    check = session.get_one(Check, check_id)
+    return review, record_review(session, check, review, now=now)
 
 
 def pending_ids(ids: Iterable[uuid.UUID]) -> list[str]:

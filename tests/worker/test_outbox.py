@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from db import queries
 from db.session import session_scope
-from db.tables import Client, Review
+from db.tables import Check, Client, Review
 from db.webhook_tables import WebhookDelivery
 from tests.worker.webhook_helpers import add_checked_image
 from worker import outbox
@@ -173,3 +173,18 @@ def test_flag_rule_agrees_with_db_queries(pg_session_factory):
                     client = session.get(Client, name)
                     expected = queries.is_flagged(check, row, client)
                     assert outbox.is_flagged(row.verdict, row.score, client) == expected
+
+
+def test_review_check_stores_the_review_and_its_event_together(pg_session_factory, settings):
+    endpoint_id = _endpoint(pg_session_factory, settings)
+    with session_scope(pg_session_factory) as session:
+        check, _ = add_checked_image(session)
+        check_id = check.id
+    with session_scope(pg_session_factory) as session:
+        review, ids = outbox.review_check(session, check_id, reviewer="alice", new_verdict="real")
+        assert review.previous_verdict == "generated"
+        (row,) = _rows(session, ids)
+        assert (row.event_type, row.endpoint_id) == ("check.reviewed", endpoint_id)
+        assert json.loads(row.payload)["data"]["verdict"] == "real"
+    with session_scope(pg_session_factory) as session:
+        assert session.get_one(Check, check_id).reviewed_verdict == "real"
