@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import subprocess
+import sys
 import threading
 import weakref
 from typing import Any
@@ -79,6 +81,39 @@ class WorkerRuntime:
                 self._engine.dispose(close=False)
 
 
+# A child loads torch and the weights before it reports ready; Celery's 4 s default would kill it mid-load.
+CHILD_START_TIMEOUT_S = 300.0
+_VERIFY_SCRIPT = """
+import sys
+import models
+detector = models.create_detector(sys.argv[1], device="cpu")
+print(detector.model_id)
+"""
+
+
+def verify_detector(settings: Settings, timeout_s: float = 600.0) -> str:
+    """Load the configured detector once in a separate interpreter; return its model id.
+
+    The worker's parent process calls this before forking: a missing or tampered weights file stops the start
+    with one line. It runs in a subprocess because a parent that has run torch operations (thread pools,
+    OpenMP) cannot fork safely: the children hang on locks held by threads that do not exist in them.
+
+    Raises:
+        RuntimeError: the detector cannot be loaded; the message is the loader's last line of error output.
+    """
+    result = subprocess.run(  # noqa: S603 - fixed script, the interpreter running this code
+        [sys.executable, "-c", _VERIFY_SCRIPT, settings.model_name],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"the loader exited with status {result.returncode}")
+    return result.stdout.strip().splitlines()[-1]
+
+
 def load_detector(settings: Settings) -> DetectorLike:
     """Create the configured detector; ``device="auto"`` picks CUDA when available."""
     import models  # noqa: PLC0415 - deferred: importing torch is slow and a producer never needs it
@@ -124,6 +159,7 @@ def create_celery_app(settings: Settings) -> Celery:
         enable_utc=True,
         timezone="UTC",
         worker_hijack_root_logger=False,
+        worker_proc_alive_timeout=CHILD_START_TIMEOUT_S,
     )
     runtime = WorkerRuntime(settings)
     _RUNTIMES[app] = runtime
@@ -140,4 +176,4 @@ def create_celery_app(settings: Settings) -> Celery:
     return app
 
 
-__all__ = ["WorkerRuntime", "create_celery_app", "load_detector", "runtime_for"]
+__all__ = ["WorkerRuntime", "create_celery_app", "load_detector", "runtime_for", "verify_detector"]

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +160,69 @@ def test_enqueue_reaches_a_real_worker(celery_worker, settings, pg_session_facto
     again = json.loads(run("enqueue", str(tmp_path / "a.png"), "--client", "cli-test", "--format", "json",
                            env=env).stdout)  # fmt: skip
     assert again[0]["check_id"] in ids and again[0]["status"] == "done"
+
+
+def _worker_env(settings, queue: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SYNTHGUARD_")}
+    env.update(
+        SYNTHGUARD_DATABASE_URL=settings.database_url,
+        SYNTHGUARD_BROKER_URL=settings.broker_url,
+        SYNTHGUARD_QUEUE_NAME=queue,
+        SYNTHGUARD_SECRET_KEY=settings.require_secret_key(),
+        SYNTHGUARD_ALLOW_PRIVATE_HOSTS=settings.allow_private_hosts,
+    )
+    return env
+
+
+def test_worker_command_runs_prefork_children_and_stops_on_sigterm(settings, pg_session_factory, tmp_path):
+    """`synthguard worker` as deployed: the parent never runs torch; forked children load the detector."""
+    from worker.client import submit_check
+
+    queue = f"synthguard-cli-{uuid.uuid4().hex[:8]}"
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from worker.cli import main; main()", "worker", "--concurrency=1"],
+            env=_worker_env(settings, queue),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        submit_check(settings.broker_url, queue=queue, client="prefork", external_id="p1",
+                     image_bytes=photo_bytes("astronaut.png", offset=150))  # fmt: skip
+        deadline = time.monotonic() + 240
+        status = None
+        while time.monotonic() < deadline and status not in ("done", "failed"):
+            time.sleep(0.5)
+            assert process.poll() is None, log_path.read_text()
+            with pg_session_factory() as session:
+                status = session.scalar(
+                    sa.select(Check.status).where(Check.client == "prefork", Check.external_id == "p1")
+                )
+        assert status == "done", log_path.read_text()[-3000:]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            pytest.fail("the worker did not stop within 60 s of SIGTERM")
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_worker_command_refuses_a_detector_it_cannot_load(settings, tmp_path):
+    env = _worker_env(settings, "unused")
+    env["SYNTHGUARD_MODEL_NAME"] = "no-such-detector"
+    result = subprocess.run(
+        [sys.executable, "-c", "from worker.cli import main; main()", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "cannot load detector no-such-detector" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr

@@ -7,6 +7,7 @@ import importlib.resources
 import io
 import json
 import re
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -451,10 +452,16 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     open_database(settings, migrate=False)
-    # Load and verify the weights once on the CPU before forking: a missing or tampered weights file stops
-    # the start here with one line, instead of every child failing. CUDA is touched only in the children.
-    _load_detector(settings.model_copy(update={"device": "cpu"}))
-    from worker.app import create_celery_app  # noqa: PLC0415
+    from worker.app import create_celery_app, verify_detector  # noqa: PLC0415
+
+    # Load the weights once before forking (in a subprocess, so this process never runs torch): a missing or
+    # tampered weights file stops the start here with one line instead of failing in every child.
+    click.echo(f"checking detector {settings.model_name} ...", err=True)
+    try:
+        model_id = verify_detector(settings)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        raise click.ClickException(f"cannot load detector {settings.model_name}: {exc}") from None
+    click.echo(f"detector {model_id} loads; starting the worker", err=True)
 
     app = create_celery_app(settings)
     argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool}", f"--queues={settings.queue_name}"]
