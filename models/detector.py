@@ -11,6 +11,7 @@ one calibrated score, and compared with the thresholds of the model's config.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Sequence
@@ -157,6 +158,9 @@ class Detector:
         if self.half:
             self.net.half()
         self.training_info: dict[str, Any] = dict(payload.get("training", {}))
+        # Optional memo of pixel evidence keyed by a digest of the pixels: evaluation drivers that score the
+        # same images with several models set it; the detector itself never needs it.
+        self.evidence_cache: dict[bytes, tuple[dict[str, dict[str, Any]], NDArray[np.float32]]] | None = None
 
     @property
     def name(self) -> str:
@@ -201,7 +205,7 @@ class Detector:
             prepared.reasons.append(f"pixels could not be analysed: {type(exc).__name__}: {exc}")
             return prepared
         try:
-            evidence, features = evidence_vector(rgb, pixels.grid_offset)
+            evidence, features = self._evidence(rgb, pixels.grid_offset)
             prepared.evidence.update(evidence)
             prepared.features = features[self._feature_index] if self._feature_index else None
         except Exception as exc:  # noqa: BLE001 - the CNN can still score; the gap is reported
@@ -209,6 +213,19 @@ class Detector:
             for group in ("spectral", "color", "grid"):
                 prepared.evidence.setdefault(group, {"error": str(exc)})
         return prepared
+
+    def _evidence(
+        self, rgb: NDArray[np.float32], grid_offset: tuple[int, int]
+    ) -> tuple[dict[str, dict[str, Any]], NDArray[np.float32]]:
+        if self.evidence_cache is None:
+            return evidence_vector(rgb, grid_offset)
+        digest = hashlib.blake2b(np.array([*rgb.shape, *grid_offset]).tobytes(), digest_size=16)
+        digest.update(rgb.tobytes())
+        key = digest.digest()
+        if key not in self.evidence_cache:
+            self.evidence_cache[key] = evidence_vector(rgb, grid_offset)
+        evidence, features = self.evidence_cache[key]
+        return copy.deepcopy(evidence), features
 
     def _verdict(self, score: float) -> Verdict:
         if score >= self.cfg.threshold_generated:

@@ -256,6 +256,7 @@ def leave_one_source_out(
     rows = read_manifest(manifest)
     chosen = list(sources) or largest_sources(rows)
     folds: dict[str, Any] = {}
+    evidence_cache: dict[bytes, Any] = {}  # the hand-made evidence does not depend on the fold's model
     summary_path = out_dir / "loso_summary.json"
     for source in chosen:
         fold_dir = out_dir / source.replace(":", "__").replace("/", "_")
@@ -270,6 +271,7 @@ def leave_one_source_out(
         if not weights.is_file():
             train(manifest, fold_dir, config, taef2_dir=taef2_dir, log=log)
         detector = detector_from_weights(weights)
+        detector.evidence_cache = evidence_cache
         test_rows = [r for r in rows if r.source == source] + [rows[i] for i in counterpart]
         report = _evaluate_rows(
             detector, test_rows, conditions=CONDITIONS, manifest=str(manifest), holdout=[source]

@@ -56,7 +56,7 @@ from models.preprocess import CROP_ALIGN
 
 WEIGHTS_FORMAT = "synthguard-weights/1"
 CROP_SIZE = 64
-DEFAULT_MAX_CROPS = 16
+DEFAULT_MAX_CROPS = 8
 
 Log = Callable[[str], None]
 
@@ -77,7 +77,7 @@ class Augmentation:
 class TrainConfig:
     """Everything that determines a training run (saved into the weights file)."""
 
-    steps: int = 5000
+    steps: int = 3500
     max_minutes: float = 55.0
     seed: int = 0
     batch_size: int = 64

@@ -255,3 +255,18 @@ def test_importing_models_loads_no_host_framework():
 
 def test_weights_path_is_inside_the_package():
     assert Path(models.__file__).parent / "weights" == SYNTHGUARD_V1.weights_path.parent
+
+
+def test_evidence_memo_gives_the_same_detections(shipped):
+    images = [photo("astronaut.png", 192), photo("coffee.png", 160)]
+    plain = shipped.detect(images)
+    shipped.evidence_cache = {}
+    try:
+        first = shipped.detect(images)
+        second = shipped.detect(images)
+        assert len(shipped.evidence_cache) == 2
+    finally:
+        shipped.evidence_cache = None
+    for a, b, c in zip(plain, first, second, strict=True):
+        assert a.score == b.score == c.score
+        assert a.evidence == b.evidence == c.evidence
