@@ -34,7 +34,13 @@ from worker.settings import Settings
 from worker.webhook_delivery import DELIVER_WEBHOOK_TASK, DeliveryConfig, deliver_once, due_delivery_ids
 from worker.webhooks import SecretCipher, make_webhook_client
 
-__all__ = ["DELIVER_WEBHOOK_TASK", "SWEEP_WEBHOOKS_TASK", "deliver_webhook", "sweep_webhooks"]
+__all__ = [
+    "DELIVER_WEBHOOK_TASK",
+    "SWEEP_WEBHOOKS_TASK",
+    "close_http_client",
+    "deliver_webhook",
+    "sweep_webhooks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,14 @@ def _http_client(app: Celery, settings: Settings) -> httpx.Client:
         client = make_webhook_client(settings.allow_private_hosts, settings.webhook_timeout_s)
         _CLIENTS[app] = (os.getpid(), client)
         return client
+
+
+def close_http_client(app: Celery) -> None:
+    """Close this process's webhook HTTP client of ``app`` (worker shutdown, tests)."""
+    with _CLIENTS_LOCK:
+        cached = _CLIENTS.pop(app, None)
+    if cached is not None and cached[0] == os.getpid():
+        cached[1].close()
 
 
 def _enqueue(app: Celery, delivery_id: str, countdown: float | None = None) -> bool:
@@ -135,6 +149,7 @@ class WebhookSweepStep(bootsteps.StartStopStep):
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        close_http_client(parent.app)
 
 
 @worker_init.connect(weak=False, dispatch_uid="synthguard-webhook-sweep-step")

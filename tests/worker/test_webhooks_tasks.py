@@ -41,9 +41,11 @@ def webhook_settings(settings):
 
 @pytest.fixture(scope="module")
 def webhook_app(webhook_settings):
-    from worker.app import create_celery_app
+    from worker.app import create_celery_app, runtime_for
 
-    return create_celery_app(webhook_settings)
+    app = create_celery_app(webhook_settings)
+    yield app
+    runtime_for(app).engine.dispose()
 
 
 @pytest.fixture(scope="module")
