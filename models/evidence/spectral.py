@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from scipy import fft, ndimage, stats
+from scipy import fft, ndimage
 
 from models.evidence._common import EvidenceInputs, FloatArray, as_inputs, blocks, metric, summarise
 
@@ -32,13 +32,8 @@ PEAK_FALSE_ALARM = 1e-4
 #: A single tile's periodogram bin of a noise-like residual is exponential around its expected power, so this
 #: ratio to the expected power has chance probability PEAK_FALSE_ALARM.
 PEAK_RATIO = float(-np.log(PEAK_FALSE_ALARM))
-MEDIAN_SIZE = 7
-
-
-@lru_cache(maxsize=256)
-def _median_over_mean(n_tiles: int) -> float:
-    """Median / mean of the average of `n_tiles` exponential periodogram values (a Gamma(n, 1/n) variable)."""
-    return float(stats.gamma(a=n_tiles, scale=1.0 / n_tiles).median())
+#: Side, in frequency bins, of the neighbourhood that sets each bin's expected power.
+NEIGHBOURHOOD = 7
 
 
 @lru_cache(maxsize=4)
@@ -59,10 +54,9 @@ def _window_and_grid(tile: int) -> tuple[FloatArray, np.ndarray, np.ndarray]:
 def spectral_evidence(crop: FloatArray | EvidenceInputs) -> dict[str, Any]:
     """Spectral metrics of an RGB crop (side >= 64). Returns metric records plus a `summary` string.
 
-    Band energies come from the Welch average of 64 px tiles. Peaks are judged per tile against the expected
-    power at that frequency (the local median of the Welch average, rescaled to a mean, times the tile's own
-    level), so the per-tile peak count and strength have the same distribution for a small image as for a
-    large one; they are averaged over tiles.
+    Band energies come from the Welch average of 64 px tiles. Peaks are judged per tile against the power
+    expected from that tile's neighbouring frequency bins, so the per-tile peak count and strength have the
+    same distribution for a small image as for a large one; they are averaged over tiles.
     """
     residual = as_inputs(crop).luma_residual
     tiles = blocks(residual, TILE)
@@ -78,14 +72,18 @@ def spectral_evidence(crop: FloatArray | EvidenceInputs) -> dict[str, Any]:
     mid_energy = float(np.sum(power * weight * mid)) / total
     high_energy = float(np.sum(power * weight * high)) / total
 
-    # Expected power per bin: the local median of the Welch average, turned into a mean estimate.
-    baseline = ndimage.median_filter(power, size=MEDIAN_SIZE, mode="nearest") / _median_over_mean(len(tiles))
+    # Expected power per bin, from the tile itself: the mean of the log power over the 7x7 neighbouring bins
+    # (the bin itself left out). For an exponential periodogram E[log P] = log E[P] - Euler's gamma. Using
+    # each tile's own neighbourhood (not the Welch average) keeps the per-tile statistics independent of how
+    # many tiles the image has, and texture that differs from tile to tile is not mistaken for periodic peaks.
+    log_power = np.log(tile_power + np.float32(1e-30))
+    window_bins = NEIGHBOURHOOD * NEIGHBOURHOOD
+    local = ndimage.uniform_filter(
+        log_power, size=(1, NEIGHBOURHOOD, NEIGHBOURHOOD), mode=["nearest", "wrap", "mirror"]
+    )
+    expected = np.exp((local * window_bins - log_power) / (window_bins - 1) + np.float32(np.euler_gamma))
     searched = radius >= LOW_CUTOFF
-    ratios = tile_power[:, searched] / np.maximum(baseline[searched], np.float32(1e-20))
-    # Tiles differ in texture, so each tile's spectrum is the common shape times its own level; estimate the
-    # level robustly (median ratio; the median of an exponential is ln 2 times its mean) and divide it out.
-    level_per_tile = np.median(ratios, axis=1, keepdims=True) / np.log(2.0)
-    ratios = ratios / np.maximum(level_per_tile, 1e-20)
+    ratios = tile_power[:, searched] / np.maximum(expected[:, searched], np.float32(1e-30))
     peak_count = float(np.mean(np.count_nonzero(ratios > PEAK_RATIO, axis=1)))
     peak_strength = float(np.mean(np.log10(np.maximum(ratios.max(axis=1), 1e-12))))
     level = float(residual.std()) * 255.0

@@ -225,6 +225,16 @@ def test_periodic_pattern_shows_spectral_peaks_and_noise_does_not() -> None:
     assert _value(periodic, "spectral.mid_energy") > _value(noise, "spectral.mid_energy")
 
 
+def test_spectral_peak_measures_do_not_depend_on_image_size() -> None:
+    rows, cols = np.mgrid[:512, :512]
+    pattern = 0.03 * np.sin(2 * np.pi * (0.25 * cols + 0.125 * rows))
+    periodic = np.clip(_scene() + pattern[..., None], 0, 1).astype(np.float32)
+    big = pixel_evidence(periodic)
+    small = pixel_evidence(center_crop(periodic, 128))
+    for name in ("spectral.peak_count", "spectral.peak_strength", "spectral.mid_energy"):
+        assert _value(small, name) == pytest.approx(_value(big, name), rel=0.2), name
+
+
 def test_band_energies_are_shares() -> None:
     evidence = pixel_evidence(_noise())
     mid = _value(evidence, "spectral.mid_energy")
