@@ -242,6 +242,7 @@ def leave_one_source_out(
     sources: Sequence[str] = (),
     taef2_dir: Path | None = None,
     counterpart_fraction: float = 0.25,
+    cache_dir: Path = Path("runs/cache"),
     log: Log = print,
 ) -> dict[str, Any]:
     """Train one model per held-out source and evaluate it on that source against unseen other-class images.
@@ -269,7 +270,7 @@ def leave_one_source_out(
         log(f"== fold {source}: training without it and without {len(counterpart)} test counterparts")
         weights = fold_dir / "weights.pt"
         if not weights.is_file():
-            train(manifest, fold_dir, config, taef2_dir=taef2_dir, log=log)
+            train(manifest, fold_dir, config, taef2_dir=taef2_dir, cache_dir=cache_dir, log=log)
         detector = detector_from_weights(weights)
         detector.evidence_cache = evidence_cache
         test_rows = [r for r in rows if r.source == source] + [rows[i] for i in counterpart]

@@ -104,3 +104,16 @@ def test_train_then_detect_with_the_new_weights(cli, tmp_path):
     detected = CliRunner().invoke(cli, ["detect", str(image), "--weights", str(out / "weights.pt")])
     assert detected.exit_code == 0, detected.output
     assert json.loads(detected.output)["model"].startswith("synthguard-local@local+")
+
+
+def test_eval_leave_one_source_out(cli, tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=10, size=96)
+    args = ["eval", str(manifest), "--loso", str(tmp_path / "loso"), "--loso-steps", "2"]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    result = CliRunner().invoke(cli, [*args, "--holdout-source", "fake:github:test/fake-0"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert list(summary["folds"]) == ["fake:github:test/fake-0"]
+    assert set(summary["mean"]) == {"native", "crop512_jpeg90", "crop512_png"}
+    fold_dir = tmp_path / "loso" / "fake__github__test_fake-0"
+    assert (fold_dir / "weights.pt").is_file() and (fold_dir / "eval.json").is_file()

@@ -112,6 +112,17 @@ def detect_command(
 @click.option(
     "--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
+@click.option(
+    "--loso",
+    "loso_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="leave-one-source-out: train one model per held-out source (the --holdout-source list, else the 5 "
+    "largest fake and 3 largest real sources) into this folder and evaluate each on its source",
+)
+@click.option("--cache-dir", default=Path("runs/cache"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--loso-steps", default=500, show_default=True, type=click.IntRange(1), help="steps per fold")
+@click.option("--taef2-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
 def eval_command(
     *,
     manifest: Path,
@@ -121,11 +132,32 @@ def eval_command(
     weights: Path | None,
     device: str | None,
     output_format: str,
+    loso_dir: Path | None,
+    loso_steps: int,
+    taef2_dir: Path | None,
+    cache_dir: Path,
 ) -> None:
     """ROC AUC, TPR at 1%/5% FPR, balanced accuracy, recall per generator, FPR per real source, per
     condition.
     """
-    from models.evaluation import evaluate  # noqa: PLC0415 - scipy is only needed here
+    from models.evaluation import evaluate, leave_one_source_out  # noqa: PLC0415 - scipy is only needed here
+    from models.training import TrainConfig  # noqa: PLC0415
+
+    if loso_dir is not None:
+        try:
+            summary = leave_one_source_out(
+                manifest,
+                loso_dir,
+                train_config=TrainConfig(steps=loso_steps),
+                sources=holdout_sources,
+                taef2_dir=taef2_dir,
+                cache_dir=cache_dir,
+                log=lambda line: click.echo(line, err=True),
+            )
+        except DetectorError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(json.dumps(_json_safe(summary), indent=2))
+        return
 
     chosen = [c.strip() for c in conditions.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in CONDITIONS]
