@@ -22,11 +22,16 @@ from models.preprocess import center_crop
 
 __all__ = [
     "ANALYSIS_SIDE",
+    "EVIDENCE_VERSION",
     "FEATURE_NAMES",
     "evidence_features",
     "pixel_evidence",
     "read_provenance",
 ]
+
+#: Changes whenever a metric's definition (and so its values) changes while its name stays: a fusion layer
+#: fitted on features of another version must be refitted. Weights can store it beside FEATURE_NAMES.
+EVIDENCE_VERSION = "2026-11-26.3"
 
 #: Order of `evidence_features`. Names are "<group>.<metric>" as in `pixel_evidence`.
 FEATURE_NAMES: tuple[str, ...] = (
