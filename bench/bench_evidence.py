@@ -1,6 +1,7 @@
 """Time the hand-made evidence: to_rgb_array, pixel_evidence (and each group), read_provenance.
 
     .venv/bin/python bench/bench_evidence.py [--size 512] [--repeats 30]
+    .venv/bin/python bench/bench_evidence.py --big-mode RGB     # peak memory of prepare_image, 40 MP
 
 Inputs are made here: a 512x512 JPEG (quality 90) of a smooth random scene, decoded once. Reports the median
 and the 90th percentile of wall time per call on one thread (the detector calls these once per image).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from models.evidence import pixel_evidence, read_provenance
 from models.evidence.color import color_evidence
 from models.evidence.grid import grid_evidence
 from models.evidence.spectral import spectral_evidence
-from models.preprocess import center_crop, to_rgb_array
+from models.preprocess import center_crop, prepare_image, to_rgb_array
 
 
 def _jpeg_bytes(size: int) -> bytes:
@@ -46,11 +48,32 @@ def _time(label: str, call: Callable[[], object], repeats: int) -> None:
     print(f"{label:28s} median {statistics.median(samples):6.1f} ms   p90 {p90:6.1f} ms")
 
 
+def _big_image_memory(mode: str) -> None:
+    """Peak RSS added by prepare_image on an 8000x5000 image (the worker's default max_pixels is 40 MP)."""
+    channels = 4 if mode == "RGBA" else 3
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5000, 8000, channels), dtype=np.uint8)
+    image = Image.fromarray(pixels, mode)
+    del pixels
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prepared = prepare_image(image)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        f"prepare_image 8000x5000 {mode}: peak RSS {before // 1024} -> {after // 1024} MiB "
+        f"(result {prepared.rgb.nbytes // 2**20} MiB float32)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--big-mode", choices=["RGB", "RGBA"], help="instead: peak memory of prepare_image on a 40 MP image"
+    )
     args = parser.parse_args()
+    if args.big_mode:
+        _big_image_memory(args.big_mode)
+        return
     data = _jpeg_bytes(args.size)
     image = Image.open(io.BytesIO(data))
     image.load()

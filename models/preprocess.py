@@ -112,10 +112,31 @@ def _apply_orientation(img: Image.Image, notes: list[str]) -> tuple[Image.Image,
     return rotated, orientation, _lattice_offset(orientation, img.width, img.height)
 
 
-def _flatten_alpha(colour: FloatImage, alpha: FloatImage) -> FloatImage:
-    """Composite over the fixed `ALPHA_BACKGROUND` (see its comment for why)."""
-    a = alpha[..., None] if alpha.ndim == 2 else alpha
-    return (colour * a + np.float32(ALPHA_BACKGROUND) * (np.float32(1.0) - a)).astype(np.float32)
+def _unit_float(image: Image.Image) -> FloatImage:
+    """8-bit pixels as float32 in [0, 1], converted with one full-size float allocation (scaled in place):
+    a 40-megapixel upload must not need several float copies at once."""
+    pixels = np.asarray(image)
+    out = np.empty(pixels.shape, dtype=np.float32)
+    np.multiply(pixels, np.float32(1.0 / 255.0), out=out)
+    return out
+
+
+def _flatten_alpha(rgba: Image.Image, notes: list[str]) -> FloatImage:
+    """Composite an RGBA image over the fixed `ALPHA_BACKGROUND` (see its comment for why).
+
+    Works on the 8-bit data and one float RGB array, in place, to keep peak memory near one float copy.
+    """
+    pixels = np.asarray(rgba)
+    if int(pixels[..., 3].min()) < 255:
+        notes.append("transparency flattened onto white")
+    colour = np.empty((*pixels.shape[:2], 3), dtype=np.float32)
+    np.multiply(pixels[..., :3], np.float32(1.0 / 255.0), out=colour)
+    alpha = pixels[..., 3:].astype(np.float32)
+    alpha *= np.float32(1.0 / 255.0)
+    colour -= np.float32(ALPHA_BACKGROUND)
+    colour *= alpha
+    colour += np.float32(ALPHA_BACKGROUND)  # = colour * alpha + background * (1 - alpha)
+    return colour
 
 
 def _scale_integer(values: NDArray[np.generic], mode: str, notes: list[str]) -> FloatImage:
@@ -148,7 +169,8 @@ def _scale_integer(values: NDArray[np.generic], mode: str, notes: list[str]) -> 
 def _mode_to_rgb(img: Image.Image, notes: list[str]) -> FloatImage:
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES:
-        grey = np.asarray(img).astype(np.float32) / np.float32(65535.0)
+        grey = np.asarray(img).astype(np.float32)
+        grey *= np.float32(1.0 / 65535.0)
         return np.repeat(grey[..., None], 3, axis=2)
     if mode in {"I", "F"}:
         grey = _scale_integer(np.asarray(img), mode, notes)
@@ -169,21 +191,19 @@ def _mode_to_rgb(img: Image.Image, notes: list[str]) -> FloatImage:
         img = img.convert("RGBA" if mode == "RGBa" else "LA")
         mode = img.mode
     if mode in {"RGBA", "LA", "PA"}:
-        arr = np.asarray(img.convert("RGBA"), dtype=np.float32) / np.float32(255.0)
-        if float(arr[..., 3].min()) < 1.0:
-            notes.append("transparency flattened onto white")
-        return _flatten_alpha(arr[..., :3], arr[..., 3])
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        return _flatten_alpha(rgba, notes)
     if mode == "RGB":
-        return np.asarray(img, dtype=np.float32) / np.float32(255.0)
+        return _unit_float(img)
     if mode in {"L", "1"}:
-        grey = np.asarray(img.convert("L"), dtype=np.float32) / np.float32(255.0)
+        grey = _unit_float(img.convert("L"))
         return np.repeat(grey[..., None], 3, axis=2)
     # CMYK, YCbCr, LAB, HSV and the rarer modes: Pillow's converters are exact enough at 8 bits.
     try:
         converted = img.convert("RGB")
     except (ValueError, OSError) as exc:
         raise UnsupportedImageError(f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
-    return np.asarray(converted, dtype=np.float32) / np.float32(255.0)
+    return _unit_float(converted)
 
 
 def prepare_image(img: Image.Image) -> PreparedImage:
@@ -202,7 +222,8 @@ def prepare_image(img: Image.Image) -> PreparedImage:
         raise UnsupportedImageError(f"image data could not be decoded: {exc}") from exc
     oriented, orientation, offset = _apply_orientation(img, notes)
     rgb = _mode_to_rgb(oriented, notes)
-    rgb = np.ascontiguousarray(np.clip(rgb, 0.0, 1.0), dtype=np.float32)
+    rgb = np.ascontiguousarray(rgb, dtype=np.float32)
+    np.clip(rgb, 0.0, 1.0, out=rgb)
     return PreparedImage(
         rgb=rgb, source_mode=source_mode, orientation=orientation, grid_offset=offset, notes=notes
     )
