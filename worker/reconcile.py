@@ -1,14 +1,14 @@
 """The reconciler: the database is the source of truth, the broker only a delivery mechanism.
 
-A check is lost to the broker when its message vanishes: Redis restarted without persistence, the worker
-that held it unacknowledged was killed (kombu restores such messages only after the visibility timeout,
-15 min by default), the enqueue failed after the row was committed. The row remains, ``queued`` or
-``processing``, and stops moving. The reconciler finds those rows and sends them again:
+A check is lost to the broker when its message vanishes: Redis restarted without persistence, the worker that
+held it unacknowledged was killed (kombu restores such messages only after the visibility timeout, 15 min by
+default), the enqueue failed after the row was committed. The row remains, ``queued`` or ``processing``, and
+stops moving. The reconciler finds those rows and sends them again:
 
-- a check ``queued`` or ``processing`` whose ``updated_at`` is older than ``reconcile_after_s`` is re-enqueued
-  (one ``synthguard.process_checks`` message per ``batch_size`` checks) and its ``updated_at`` is bumped, so
-  it is re-sent at most once per window however many workers reconcile at once (rows are taken with
-  ``FOR UPDATE SKIP LOCKED`` on PostgreSQL);
+- a check ``queued`` or ``processing`` whose ``updated_at`` is older than ``reconcile_after_s`` is
+  re-enqueued (one ``synthguard.process_checks`` message per ``batch_size`` checks) and its ``updated_at`` is
+  bumped, so it is re-sent at most once per window however many workers reconcile at once (rows are taken
+  with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL);
 - one that already used ``max_attempts`` attempts is dead-lettered here (status ``failed`` with the reason):
   every attempt died without storing an outcome, so the image most likely kills the worker;
 - a ``queued`` check whose message is still waiting in the Redis queue (a backlog, not a loss) is left alone,
@@ -19,11 +19,12 @@ Re-sending is safe because processing is idempotent: ``claim`` skips finished ch
 upserted by (sha256, model_id). A batch that legitimately runs longer than ``reconcile_after_s`` may be
 processed twice (wasted work, never a second verdict): keep ``reconcile_after_s`` above the slowest batch.
 
-How it runs: every synthguard worker runs it by itself, from a timer thread in the worker's main process
-(a bootstep), every ``reconcile_after_s / 4`` seconds (1..60 s). It talks to the database directly, not
-through a task, so a long queue or a busy pool does not delay it; a broker outage only postpones the
-re-sends (the transaction rolls back, nothing is marked). The same pass is available as the task
-``synthguard.reconcile`` (e.g. for celery beat) and as :func:`reconcile_once` for scripts.
+How it runs: every synthguard worker runs it by itself, from the worker's own timer in its main process (a
+bootstep; see ReconcilerStep for why not a thread), every ``reconcile_after_s / 4`` seconds (1..60 s). It
+talks to the database directly, not through a task, so a long queue or a busy pool does not delay it; a
+broker outage only postpones the re-sends (the transaction rolls back, nothing is marked). The same pass is
+available as the task ``synthguard.reconcile`` (e.g. for celery beat) and as :func:`reconcile_once` for
+scripts.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -227,43 +227,49 @@ def reconcile(self: Task[Any, Any]) -> dict[str, int]:
 
 
 class ReconcilerStep(bootsteps.StartStopStep):
-    """Worker bootstep: a daemon thread in the worker's main process that runs :func:`reconcile_once`."""
+    """Worker bootstep: runs :func:`reconcile_once` from the worker's timer, in the worker's main thread.
+
+    Not from a thread of its own: the prefork pool forks new children from the main thread at any time (at
+    start, after a child died, after ``worker_max_tasks_per_child``), and a child forked while another thread
+    holds a lock (the runtime's, the SQLAlchemy pool's, the producer pool's) inherits it locked and hangs
+    for ever. Measured here: with a reconciler thread, pool processes forked during its first pass hung in
+    ``worker_process_init``. Timer callbacks run in the event loop, which is also where forks happen, so a
+    pass and a fork never overlap. A pass is short (one indexed query, a few messages); while the broker
+    is down the event loop is reconnecting and passes simply wait.
+    """
 
     label = "synthguard reconciler"
+    requires = ("celery.worker.components:Timer",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._entries: list[Any] = []
 
     def start(self, parent: Any) -> None:
         app: Celery = parent.app
         runtime = runtime_for(app)
         interval = reconcile_interval_s(runtime.settings)
 
-        def loop() -> None:
-            # The first pass runs right away: a worker (re)started after a crash recovers its checks at once.
-            while True:
-                try:
-                    reconcile_once(app, runtime.session_factory, runtime.settings)
-                except _BROKER_ERRORS as exc:
-                    log.warning("reconciler: broker unavailable, will retry: %s", exc)
-                except sqlalchemy.exc.SQLAlchemyError as exc:
-                    log.warning("reconciler: database unavailable, will retry: %s", exc)
-                except Exception:
-                    log.exception("reconciler pass failed; will retry")
-                if self._stop.wait(interval):
-                    return
+        def run_pass() -> None:
+            try:
+                reconcile_once(app, runtime.session_factory, runtime.settings)
+            except _BROKER_ERRORS as exc:
+                log.warning("reconciler: broker unavailable, will retry: %s", exc)
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                log.warning("reconciler: database unavailable, will retry: %s", exc)
+            except Exception:
+                log.exception("reconciler pass failed; will retry")
 
-        self._stop.clear()
-        self._thread = threading.Thread(target=loop, name="synthguard-reconciler", daemon=True)
-        self._thread.start()
+        # The first pass soon after start: a worker restarted after a crash recovers its checks at once.
+        self._entries = [
+            parent.timer.call_after(1.0, run_pass),
+            parent.timer.call_repeatedly(interval, run_pass),
+        ]
 
     def stop(self, parent: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        for entry in self._entries:
+            entry.cancel()
+        self._entries = []
 
 
 @worker_init.connect(weak=False, dispatch_uid="synthguard-reconciler-step")
