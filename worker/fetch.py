@@ -161,6 +161,9 @@ def fetch_image(
             return _fetch_following_redirects(http, url, settings)
     except FetchError:
         raise
+    except netguard.HostResolutionError as exc:
+        # A name that does not resolve is not an address refusal; a resolver hiccup is worth a retry.
+        raise FetchError(exc.reason, transient=exc.temporary) from None
     except netguard.ForbiddenTargetError as exc:
         raise FetchError(f"refused: {exc.reason}", transient=False) from None
     except httpx.TimeoutException:

@@ -47,6 +47,7 @@ __all__ = [
     "ALLOWED_SCHEMES",
     "ForbiddenTargetError",
     "HostAllowlist",
+    "HostResolutionError",
     "ParsedTarget",
     "Resolver",
     "check_url",
@@ -115,6 +116,15 @@ class ForbiddenTargetError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class HostResolutionError(ForbiddenTargetError):
+    """The host name could not be resolved. ``temporary``: the resolver timed out or asked to try again
+    (EAI_AGAIN), so a later attempt may succeed; otherwise the name does not exist or has no address."""
+
+    def __init__(self, reason: str, *, temporary: bool) -> None:
+        super().__init__(reason)
+        self.temporary = temporary
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -245,9 +255,11 @@ def system_resolver(host: str, port: int) -> list[str]:
     thread.start()
     thread.join(_remaining(_DNS_TIMEOUT_S))
     if thread.is_alive():
-        raise ForbiddenTargetError(f"could not resolve {host!r}: DNS lookup timed out")
+        raise HostResolutionError(f"could not resolve {host!r}: DNS lookup timed out", temporary=True)
     if failure:
-        raise ForbiddenTargetError(f"could not resolve {host!r}: {failure[0]}")
+        error = failure[0]
+        temporary = isinstance(error, socket.gaierror) and error.errno == socket.EAI_AGAIN
+        raise HostResolutionError(f"could not resolve {host!r}: {error}", temporary=temporary)
     return answers
 
 
@@ -295,9 +307,10 @@ def check_url(
     except ForbiddenTargetError:
         raise
     except (OSError, UnicodeError) as exc:
-        raise ForbiddenTargetError(f"could not resolve {host!r}: {exc}") from None
+        temporary = isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN
+        raise HostResolutionError(f"could not resolve {host!r}: {exc}", temporary=temporary) from None
     if not addresses:
-        raise ForbiddenTargetError(f"could not resolve {host!r}: no addresses")
+        raise HostResolutionError(f"could not resolve {host!r}: no addresses", temporary=False)
     all_allowlisted = True
     for address_text in addresses:
         address = ipaddress.ip_address(address_text.split("%", 1)[0])

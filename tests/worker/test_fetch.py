@@ -218,6 +218,19 @@ def test_bad_schemes_are_permanent(url: str) -> None:
     assert "scheme" in failed.value.reason
 
 
+def test_unknown_host_is_permanent_and_resolver_hiccup_transient() -> None:
+    with pytest.raises(FetchError, match="could not resolve") as failed:
+        fetch_image("http://does-not-exist.invalid/a.png", settings())
+    assert not failed.value.transient
+
+    def flaky(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    with pytest.raises(FetchError, match="could not resolve") as failed:
+        fetch_image("http://images.example.com/a.png", settings(), resolver=flaky)
+    assert failed.value.transient
+
+
 def test_octal_spelling_is_refused() -> None:
     with pytest.raises(FetchError) as failed:
         fetch_image("http://0177.0.0.1/", settings(allow_private_hosts=""))

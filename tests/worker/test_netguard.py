@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 from worker.netguard import (
     ForbiddenTargetError,
     HostAllowlist,
+    HostResolutionError,
     check_url,
     is_forbidden_address,
     make_guarded_client,
@@ -212,8 +213,19 @@ def test_public_urls_pass_with_their_addresses(url: str) -> None:
 
 
 def test_unresolvable_host_is_refused_with_reason() -> None:
-    with pytest.raises(ForbiddenTargetError, match="could not resolve"):
+    with pytest.raises(HostResolutionError, match="could not resolve") as failed:
         check_url("http://does-not-exist.invalid/")
+    assert isinstance(failed.value, ForbiddenTargetError)  # callers catching the base class still see it
+    assert not failed.value.temporary
+
+
+def test_resolver_asking_to_try_again_is_temporary() -> None:
+    def flaky(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    with pytest.raises(HostResolutionError) as failed:
+        check_url("http://images.example.com/", resolver=flaky)
+    assert failed.value.temporary
 
 
 # --- allowlist ---------------------------------------------------------------------------------------------
