@@ -6,10 +6,10 @@ process; the parent (worker/decode.py) kills it on timeout and starts a new one.
 standard library and Pillow, so it starts quickly.
 
 Wire format, both directions: 4-byte big-endian length + UTF-8 JSON header, then 8-byte big-endian length +
-payload. Request header: {"max_pixels", "formats"}; payload: the file bytes. Reply header: {"ok": true,
-"mode", "size", "format", "info"} + raw pixels, or {"ok": false, "reason", "fatal"}. ``info`` is image.info
-in a tagged JSON form (bytes as base64), never pickle: a compromised child must not be able to run code in
-the parent through what it sends back.
+payload. Request header: {"seq", "max_pixels", "formats"}; payload: the file bytes. Reply header (echoing
+"seq"): {"ok": true, "mode", "size", "format", "info"} + raw pixels, or {"ok": false, "reason", "fatal"}.
+``info`` is image.info in a tagged JSON form (bytes as base64), never pickle: a compromised child must not be
+able to run code in the parent through what it sends back.
 """
 
 from __future__ import annotations
@@ -312,16 +312,18 @@ def main() -> None:
         if message is None:
             return
         request, data = message
+        sequence = request.get("seq")
         max_pixels = int(request["max_pixels"])
         Image.MAX_IMAGE_PIXELS = max_pixels
         try:
             header, pixels = decode_one(data, max_pixels, list(request["formats"]))
         except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a reason for the parent
             reason, fatal = reason_for(exc)
-            write_message(stdout, {"ok": False, "reason": reason, "fatal": fatal}, b"")
+            write_message(stdout, {"seq": sequence, "ok": False, "reason": reason, "fatal": fatal}, b"")
             if fatal:
                 return
             continue
+        header["seq"] = sequence
         write_message(stdout, header, pixels)
 
 

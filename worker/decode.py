@@ -112,6 +112,7 @@ class Decoder:
         self._process: subprocess.Popen[bytes] | None = None
         self._owner_pid = os.getpid()
         self._decodes = 0
+        self._sequence = 0
         self.restarts = 0
 
     # --- process management ---
@@ -206,9 +207,10 @@ class Decoder:
         with self._lock:
             process = self._ensure()
             self._decodes += 1
-            request = {"max_pixels": max_pixels, "formats": list(ALLOWED_FORMATS)}
+            self._sequence += 1
+            request = {"seq": self._sequence, "max_pixels": max_pixels, "formats": list(ALLOWED_FORMATS)}
             try:
-                reply = self._exchange(process, request, data, timeout_s)
+                header, pixels = self._exchange(process, request, data, timeout_s)
             except _ChildTimeoutError:
                 self._kill()
                 self.restarts += 1
@@ -221,12 +223,18 @@ class Decoder:
                 self._kill()
                 self.restarts += 1
                 raise DecodeError(f"decoder crashed ({_signal_name(returncode)})") from None
-        header, pixels = reply
+            except BaseException:
+                # Interrupted mid-exchange (a soft time limit, a signal): part of the reply may still be in
+                # the pipe, and the next decode would read it as its own. This child is never used again.
+                self._kill()
+                raise
+            if header.get("seq") != request["seq"]:
+                self._kill()
+                raise DecodeError("decoder protocol error (reply out of sequence); decoder restarted")
+            if not header.get("ok") and header.get("fatal"):
+                self._kill()
+                self.restarts += 1
         if not header.get("ok"):
-            if header.get("fatal"):
-                with self._lock:
-                    self._kill()
-                    self.restarts += 1
             raise DecodeError(str(header.get("reason") or "image could not be decoded"))
         return _rebuild(header, pixels)
 

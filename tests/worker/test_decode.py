@@ -310,6 +310,35 @@ def test_memory_limit_stops_a_decode_without_hurting_the_caller(big_png_bytes: b
         decoder.close()
 
 
+def test_an_interrupted_decode_never_hands_its_reply_to_the_next_one(big_png_bytes: bytes) -> None:
+    # Celery's soft time limit raises inside the task like this signal handler does, possibly while the reply
+    # is half read. The next decode must get its own image, not the rest of the interrupted one.
+    class SoftLimitError(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise SoftLimitError
+
+    decoder = Decoder(memory_bytes=2 << 30)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        small = encode(Image.new("RGB", (10, 10)), "PNG")
+        decoder.decode(small, max_pixels=50_000_000, timeout_s=30)
+        signal.setitimer(signal.ITIMER_REAL, 0.15)
+        with pytest.raises(SoftLimitError):
+            decoder.decode(big_png_bytes, max_pixels=50_000_000, timeout_s=60)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        image = decoder.decode(
+            encode(Image.new("RGB", (13, 7), (1, 2, 3)), "PNG"), max_pixels=10**8, timeout_s=30
+        )
+        assert image.size == (13, 7)
+        assert image.getpixel((0, 0)) == (1, 2, 3)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        decoder.close()
+
+
 def test_a_forked_process_gets_its_own_decoder_child() -> None:
     small = encode(Image.new("RGB", (12, 7), (9, 9, 9)), "PNG")
     assert decode_image(small, SETTINGS).size == (12, 7)  # the parent's child is running now
