@@ -494,7 +494,7 @@ def drill_child_kill(workdir: Path | None = None, n: int = 24, kills: int = 2) -
         fault_at = time.monotonic()
         for _ in range(kills):
             env.wait_any(ids, "processing", timeout=60)
-            time.sleep(0.2)
+            time.sleep(0.05)
             killed += worker.kill_child()
             fault_at = time.monotonic()
             time.sleep(1.0)
@@ -511,7 +511,7 @@ def drill_worker_kill(workdir: Path | None = None, n: int = 24) -> DrillResult:
         worker = env.worker(concurrency=2)
         ids = env.submit(make_images(n, seed=2))
         env.wait_any(ids, "processing", timeout=60)
-        time.sleep(0.5)
+        in_flight = env.statuses(ids)["processing"]
         worker.kill9()
         fault_at = time.monotonic()
         restarted = env.worker("w2", concurrency=2)
@@ -525,6 +525,7 @@ def drill_worker_kill(workdir: Path | None = None, n: int = 24) -> DrillResult:
             f"restart took {ready_at - fault_at:.1f} s; reconcile_after_s={env.settings.reconcile_after_s:g}",
         )
         result.details["restart_s"] = ready_at - fault_at
+        result.details["in_flight_at_kill"] = in_flight
         result.details["worker_alive"] = restarted.alive()
         return result
 
