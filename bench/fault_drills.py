@@ -444,6 +444,17 @@ class DrillEnv:
                 )
                 or 0
             )
+            # Outcomes stored half-way: done without a verdict, failed without a reason.
+            in_ids = Check.id.in_(list(ids))
+            partial = session.scalar(
+                sa.select(sa.func.count()).where(
+                    in_ids,
+                    sa.or_(
+                        sa.and_(Check.status == "done", Check.verdict_id.is_(None)),
+                        sa.and_(Check.status == "failed", sa.func.coalesce(Check.error, "") == ""),
+                    ),
+                )
+            )
         integrity_errors = sum(worker.log().count("IntegrityError") for worker in self.workers)
         done, failed = counts["done"], counts["failed"]
         return DrillResult(
@@ -456,6 +467,7 @@ class DrillEnv:
             extra_attempts=max(0, int(attempts) - len(ids)),
             recovery_s=recovery_s,
             notes=notes,
+            details={"partial": int(partial or 0)},
         )
 
     def close(self) -> None:
@@ -948,6 +960,8 @@ def main() -> None:
         results.append(result)
         print(f"[{name}] {time.monotonic() - started:.0f} s: {result}", file=sys.stderr, flush=True)
     print(format_table(results))
+    partial = {r.name: r.details.get("partial") for r in results}
+    print(f"\nPartial outcomes (done without a verdict, failed without a reason): {partial}")
     for r in results:
         if "peak_rss_kib" in r.details:
             peaks = r.details["peak_rss_kib"]

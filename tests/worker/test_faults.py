@@ -30,6 +30,7 @@ def assert_nothing_lost(result: drills.DrillResult) -> None:
     assert result.lost == 0, result
     assert result.duplicated == 0, result
     assert result.done + result.failed == result.submitted
+    assert result.details["partial"] == 0  # no done check without its verdict, no failure without a reason
 
 
 def test_worker_child_killed_mid_batch_loses_nothing(tmp_path: Path) -> None:
