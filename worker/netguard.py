@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ipaddress
+import os
 import socket
 import ssl
 import threading
@@ -465,6 +466,21 @@ class _GuardedBackend(httpcore.NetworkBackend):
         time.sleep(seconds)
 
 
+_SSL_CONTEXTS: dict[int, ssl.SSLContext] = {}
+_SSL_LOCK = threading.Lock()
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes ~20 ms; one verifying context per process serves every client.
+    with _SSL_LOCK:
+        context = _SSL_CONTEXTS.get(os.getpid())
+        if context is None:
+            context = httpx.create_ssl_context()
+            _SSL_CONTEXTS.clear()
+            _SSL_CONTEXTS[os.getpid()] = context
+        return context
+
+
 class GuardedTransport(httpx.HTTPTransport):
     """httpx transport that validates each request's URL and connects only to the validated addresses."""
 
@@ -476,7 +492,11 @@ class GuardedTransport(httpx.HTTPTransport):
         verify: ssl.SSLContext | bool = True,
         limits: httpx.Limits | None = None,
     ) -> None:
-        super().__init__(verify=verify, trust_env=False, limits=limits or httpx.Limits(max_connections=10))
+        super().__init__(
+            verify=_default_ssl_context() if verify is True else verify,
+            trust_env=False,
+            limits=limits or httpx.Limits(max_connections=10),
+        )
         self.allow = allow or HostAllowlist()
         self.resolver = resolver
         self._backend = _GuardedBackend(self.allow, resolver)
