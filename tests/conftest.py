@@ -186,11 +186,12 @@ def celery_app(settings: Settings) -> Celery:
     return create_celery_app(settings)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def celery_worker(celery_app: Celery, detector: Any) -> Iterator[WorkController]:
     """A real Celery worker consuming from Redis in a thread of this process (never task_always_eager).
 
-    Depends on ``detector`` so the model is loaded before the worker starts taking tasks.
+    Module-scoped: it consumes only while the module that asked for it runs, so tests elsewhere that inspect
+    the queue (the reconciler's) never meet a consumer left over. Shares the session's detector.
     """
     from celery.contrib.testing.worker import start_worker
 

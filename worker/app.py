@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -45,6 +46,7 @@ class WorkerRuntime:
         self._session_factory: sessionmaker[Session] | None = None
         self._detector: DetectorLike | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     @property
     def engine(self) -> Engine:
@@ -75,8 +77,15 @@ class WorkerRuntime:
             self._detector = detector
 
     def after_fork(self) -> None:
-        """In a new child: drop the parent's pooled connections (a socket must not be shared by processes)."""
+        """In a new child: drop the parent's pooled connections (a socket must not be shared by processes).
+
+        worker_process_init also fires without a fork (the solo pool sends it at start): then nothing is done,
+        since dropping this process's own open connections unclosed would leak them.
+        """
         with self._lock:
+            if os.getpid() == self._pid:
+                return
+            self._pid = os.getpid()
             if self._engine is not None:
                 self._engine.dispose(close=False)
 
