@@ -173,14 +173,27 @@ def process_check_ids(task: Task[Any, Any], check_ids: Sequence[uuid.UUID]) -> p
     if not claimed.check_ids:
         return None
     retries = int(task.request.retries or 0)
-    with session_scope(runtime.session_factory) as session:
-        result = pipeline.run(
-            session,
-            runtime.detector,
-            claimed.check_ids,
-            settings,
-            retry_transient=retries < settings.fetch_retries,
-        )
+    try:
+        with session_scope(runtime.session_factory) as session:
+            result = pipeline.run(
+                session,
+                runtime.detector,
+                claimed.check_ids,
+                settings,
+                retry_transient=retries < settings.fetch_retries,
+            )
+    except DATABASE_ERRORS:
+        raise  # the database is unreachable: the task is retried (autoretry_for)
+    except Exception as exc:
+        # A bug or an unexpected library error: the batch's work was rolled back; store why instead of leaving
+        # the checks "processing" until the reconciler's deadline.
+        log.exception("pipeline failed on %d check(s)", len(claimed.check_ids))
+        with session_scope(runtime.session_factory) as session:
+            delivery_ids = pipeline.fail_checks(
+                session, claimed.check_ids, f"internal error: {type(exc).__name__}: {exc}", settings
+            )
+        enqueue_deliveries(task.app, delivery_ids)
+        return None
     enqueue_deliveries(task.app, result.delivery_ids)
     if result.retry_ids:
         countdown = retry_countdown(retries, settings)

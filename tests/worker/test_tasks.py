@@ -211,3 +211,19 @@ def test_python_client_refuses_what_the_worker_would_refuse(tmp_path):
         client.build_check_payload(client="c", external_id="e", image_url="file:///etc/passwd")
     payload = client.build_check_payload(client="c", external_id="e", image_bytes=b"abc", metadata={"k": 1})
     assert payload == {"client": "c", "external_id": "e", "image_b64": "YWJj", "metadata": {"k": 1}}
+
+
+def test_an_unexpected_pipeline_error_is_stored_not_lost(
+    celery_worker, celery_app, pg_session_factory, client_name, monkeypatch
+):
+    # Fault injection: the pipeline step raises what no handler expects (a bug). The worker thread runs in
+    # this process, so patching the module attribute reaches it.
+    def broken_run(*args, **kwargs):
+        raise KeyError("simulated bug")
+
+    monkeypatch.setattr("worker.tasks.pipeline.run", broken_run)
+    send(celery_app, image_b64=b64(photo_bytes(offset=160)), external_id="bug", client=client_name)
+    check = wait_for_check(pg_session_factory, client_name, "bug")
+    assert check.status == "failed"
+    assert check.error == "internal error: KeyError: 'simulated bug'"
+    assert check.attempts == 1
