@@ -62,13 +62,13 @@ class DetectorCfg:
 
 SYNTHGUARD_V1 = DetectorCfg(
     name="synthguard-v1",
-    version="0.1.0",
+    version="1.0.0",
     weights_file="synthguard-v1.pt",
-    weights_sha256="82c03777fa48c0ecd00094c17741e3c364af8b13edc848cc8ed8817149d97f3a",
+    weights_sha256="fa61647da0830be7fb6a03b689d98d4a3e8fff28be10b808915b9d49ab8237da",
     crop_size=64,
-    max_crops=16,
-    threshold_generated=0.978050,
-    threshold_uncertain=0.708661,
+    max_crops=8,
+    threshold_generated=0.863405,
+    threshold_uncertain=0.727747,
     feature_names=(
         "spectral.residual_level",
         "spectral.mid_energy",
@@ -86,11 +86,10 @@ SYNTHGUARD_V1 = DetectorCfg(
         "grid.period8",
         "grid.period8_off_jpeg",
         "grid.period16",
-        "grid.jpeg_blockiness",
-        "grid.jpeg_phase_share",
         "grid.interior_var8",
     ),
     training_summary=(
-        "quick 800-step bootstrap model on datasets/dev; replaced by the full training run"
+        "residual CNN on 8 native 64 px crops + spectral/colour/grid evidence fusion; 3500 steps on "
+        "datasets/dev + taef2 reconstructions, seed 0; see models/MODEL_CARD.md"
     ),
 )
