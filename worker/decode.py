@@ -27,12 +27,14 @@ import contextlib
 import fcntl
 import json
 import os
+import queue
 import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -98,6 +100,53 @@ def _signal_name(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
+class _Spawner:
+    """Starts decoding children from one long-lived thread per process.
+
+    The child asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG), and for the kernel the
+    parent is the *thread* that forked it. Spawned from a short-lived thread, a child would be killed when
+    that thread ends, possibly while another thread uses it; spawned here, it lives as long as the process.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner_pid = -1
+        self._requests: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], dict[str, Any]]] = (
+            queue.SimpleQueue()
+        )
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._owner_pid = -1
+
+    def _serve(self) -> None:
+        while True:
+            result, kwargs = self._requests.get()
+            try:
+                # argv is built by Decoder._start: this interpreter and our module.
+                result.set_result(subprocess.Popen(**kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                result.set_exception(exc)
+
+    def popen(self, **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._owner_pid != os.getpid():
+                # First use in this process (or after a fork: the parent's spawner thread did not come along).
+                self._requests = queue.SimpleQueue()
+                threading.Thread(target=self._serve, name="synthguard-decoder-spawner", daemon=True).start()
+                self._owner_pid = os.getpid()
+        result: Future[subprocess.Popen[bytes]] = Future()
+        self._requests.put((result, kwargs))
+        return result.result()
+
+
+_SPAWNER = _Spawner()
+
+
+def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    return _SPAWNER.popen(args=args, **kwargs)
+
+
 class Decoder:
     """One decoding child process, started on first use and replaced after a crash, timeout or N decodes.
 
@@ -124,7 +173,7 @@ class Decoder:
         # Torch/OpenMP thread settings do not matter to Pillow; one thread keeps the child small and
         # predictable.
         env.setdefault("OMP_NUM_THREADS", "1")
-        process = subprocess.Popen(  # noqa: S603 - fixed argv: this interpreter and our module
+        process = _spawn(
             [
                 sys.executable,
                 "-m",
@@ -175,6 +224,12 @@ class Decoder:
                     stream.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
+
+    def forget_after_fork(self) -> None:
+        """In a forked process: drop the parent's child (its pipes are the parent's) and any held lock."""
+        self._lock = threading.Lock()
+        self._process = None
+        self._owner_pid = os.getpid()
 
     def close(self) -> None:
         """Stop the child (it also exits by itself when this process dies: its stdin closes)."""
@@ -352,6 +407,19 @@ def decode_image(data: bytes, settings: DecodeSettings) -> Image.Image:
     max_pixels = int(settings.max_pixels)
     decoder = _decoder_for(_memory_budget(max_pixels))
     return decoder.decode(data, max_pixels=max_pixels, timeout_s=float(settings.decode_timeout_s))
+
+
+def _reset_after_fork() -> None:
+    # A fork copies locks as they are: one held by another thread of the parent would never be released here.
+    # The parent's decoding children belong to the parent; this process starts its own when it needs one.
+    global _decoders_lock  # noqa: PLW0603 - module state rebuilt in the new process
+    _decoders_lock = threading.Lock()
+    _SPAWNER.reset_after_fork()
+    for decoder in _decoders.values():
+        decoder.forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def shutdown_decoder() -> None:

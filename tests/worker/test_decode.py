@@ -339,6 +339,26 @@ def test_an_interrupted_decode_never_hands_its_reply_to_the_next_one(big_png_byt
         decoder.close()
 
 
+def test_a_child_started_from_a_short_lived_thread_outlives_the_thread() -> None:
+    # The child dies with its parent (PR_SET_PDEATHSIG), and for the kernel the parent is the spawning thread.
+    decoder = Decoder(memory_bytes=1 << 30)
+    small = encode(Image.new("RGB", (10, 10)), "PNG")
+    try:
+        worker = threading.Thread(
+            target=decoder.decode, args=(small,), kwargs={"max_pixels": 10**6, "timeout_s": 30}
+        )
+        worker.start()
+        worker.join()
+        assert decoder._process is not None
+        first_pid = decoder._process.pid
+        time.sleep(0.3)  # time for a kill on thread exit to land, if there were one
+        assert decoder.decode(small, max_pixels=10**6, timeout_s=30).size == (10, 10)
+        assert decoder._process is not None
+        assert decoder._process.pid == first_pid
+    finally:
+        decoder.close()
+
+
 def test_a_forked_process_gets_its_own_decoder_child() -> None:
     small = encode(Image.new("RGB", (12, 7), (9, 9, 9)), "PNG")
     assert decode_image(small, SETTINGS).size == (12, 7)  # the parent's child is running now
