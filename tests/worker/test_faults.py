@@ -137,7 +137,8 @@ def test_hostile_corpus_through_a_real_worker(tmp_path: Path) -> None:
     os.environ.get("SYNTHGUARD_DRILL_PG_RESTART") != "1",
     reason="restarts the machine's shared PostgreSQL; set SYNTHGUARD_DRILL_PG_RESTART=1 to run",
 )
-def test_postgresql_restart_mid_batch(tmp_path: Path) -> None:
-    result = drills.drill_pg_restart(tmp_path, n=16)
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_postgresql_restart_mid_batch(tmp_path: Path, mode: str) -> None:
+    result = drills.drill_pg_restart(tmp_path, n=24, mode=mode)
     assert_nothing_lost(result)
     assert result.details["worker_alive"]
