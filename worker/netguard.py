@@ -179,6 +179,14 @@ def is_forbidden_address(ip: str | IPAddress) -> str | None:
     return None
 
 
+def _ascii_host(name: str) -> str:
+    """IDNA (punycode) form of a host name, the form URLs are checked and dialled in."""
+    try:
+        return httpx.URL(f"http://{name}/").raw_host.decode("ascii").lower()
+    except (httpx.InvalidURL, ValueError, UnicodeError):
+        return name.lower()
+
+
 @dataclass(frozen=True)
 class HostAllowlist:
     """Hosts and networks that may be contacted although private (``SYNTHGUARD_ALLOW_PRIVATE_HOSTS``)."""
@@ -203,7 +211,7 @@ class HostAllowlist:
             except ValueError:
                 if "/" in entry:
                     raise ValueError(f"{raw.strip()!r} is not a valid CIDR") from None
-                hosts.add(entry.rstrip("."))
+                hosts.add(_ascii_host(entry.rstrip(".")))
         return cls(frozenset(hosts), tuple(networks))
 
     @classmethod
@@ -212,7 +220,7 @@ class HostAllowlist:
         return cls.parse(str(getattr(settings, "allow_private_hosts", "") or ""))
 
     def allows_host(self, host: str) -> bool:
-        return host.lower().rstrip(".") in self.hosts
+        return _ascii_host(host.rstrip(".")) in self.hosts
 
     def allows_address(self, address: IPAddress) -> bool:
         if address in _CLOUD_METADATA:
@@ -278,7 +286,8 @@ def _split_url(url: str) -> tuple[httpx.URL, str, str, int]:
     authority = after_scheme.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
     if parsed.userinfo or "@" in authority:
         raise ForbiddenTargetError("URLs with user information (user@host) are not allowed")
-    host = parsed.host.lower()
+    # The ASCII (IDNA) form: what is resolved here is what httpcore asks the backend to dial.
+    host = parsed.raw_host.decode("ascii").lower()
     if not host:
         raise ForbiddenTargetError("URL has no host")
     port = parsed.port if parsed.port is not None else _DEFAULT_PORTS[scheme]

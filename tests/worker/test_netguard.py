@@ -234,6 +234,7 @@ def test_resolver_asking_to_try_again_is_temporary() -> None:
 def test_allowlist_parses_hosts_addresses_and_cidrs() -> None:
     allow = HostAllowlist.parse(" images.internal, 10.1.0.0/16 ,127.0.0.1, [::1] ,")
     assert allow.hosts == frozenset({"images.internal"})
+    assert HostAllowlist.parse("Bücher.Internal").allows_host("xn--bcher-kva.internal")
     assert {str(net) for net in allow.networks} == {"10.1.0.0/16", "127.0.0.1/32", "::1/128"}
     with pytest.raises(ValueError, match="CIDR"):
         HostAllowlist.parse("10.0.0.0/33")
@@ -371,6 +372,21 @@ def test_dns_rebinding_connects_to_the_validated_address(recording_server) -> No
         assert not _connection_attempted(trap)
     finally:
         trap.close()
+
+
+def test_international_host_names_are_pinned_by_their_ascii_form(recording_server) -> None:
+    server, handler = recording_server
+    port = server.server_address[1]
+    calls: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        calls.append(host)
+        return ["127.0.0.1"]
+
+    with make_guarded_client("127.0.0.1/32", timeout=5, resolver=resolver) as client:
+        assert client.get(f"http://bücher.test:{port}/a.jpg").status_code == 200
+    assert calls == ["xn--bcher-kva.test"]  # resolved once, in the form that is dialled
+    assert handler.seen_hosts == [f"xn--bcher-kva.test:{port}"]
 
 
 def test_each_request_is_validated_again(recording_server) -> None:
