@@ -241,6 +241,7 @@ class ParsedTarget:
     host: str
     port: int
     addresses: tuple[str, ...] = field(default_factory=tuple)
+    # True when the target is reachable only thanks to SYNTHGUARD_ALLOW_PRIVATE_HOSTS.
     allowlisted: bool = False
 
 
@@ -321,18 +322,21 @@ def check_url(
         raise HostResolutionError(f"could not resolve {host!r}: {exc}", temporary=temporary) from None
     if not addresses:
         raise HostResolutionError(f"could not resolve {host!r}: no addresses", temporary=False)
-    all_allowlisted = True
+    used_allowlist = False
     for address_text in addresses:
-        address = ipaddress.ip_address(address_text.split("%", 1)[0])
+        try:
+            address = ipaddress.ip_address(address_text.split("%", 1)[0])
+        except ValueError:
+            raise ForbiddenTargetError(f"{host} resolves to {address_text!r}, not an IP address") from None
         if host_allowed:
             if address in _CLOUD_METADATA and not allow.allows_address(address):
                 raise ForbiddenTargetError(f"{host} resolves to {address} (cloud metadata endpoint)")
             continue
         reason = is_forbidden_address(address_text)
         if reason is None:
-            all_allowlisted = False
             continue
         if allow.allows_address(address):
+            used_allowlist = True
             continue
         shown = host if host == str(address) else f"{host} resolves to {address}"
         raise ForbiddenTargetError(f"{shown}: {reason} address refused")
@@ -342,7 +346,7 @@ def check_url(
         host=host,
         port=port,
         addresses=tuple(addresses),
-        allowlisted=host_allowed or all_allowlisted,
+        allowlisted=host_allowed or used_allowlist,
     )
 
 

@@ -207,9 +207,15 @@ def test_url_tricks_are_refused(url: str, fragment: str) -> None:
 )
 def test_public_urls_pass_with_their_addresses(url: str) -> None:
     target = check_url(url, resolver=fixed_resolver(PUBLIC_V4, PUBLIC_V6))
+    assert not target.allowlisted
     assert target.host == "images.example.com"
     assert target.addresses == (PUBLIC_V4, PUBLIC_V6)
     assert target.scheme in ("http", "https")
+
+
+def test_resolver_answer_that_is_not_an_address_is_refused() -> None:
+    with pytest.raises(ForbiddenTargetError, match="not an IP address"):
+        check_url("http://images.example.com/", resolver=fixed_resolver("localhost"))
 
 
 def test_unresolvable_host_is_refused_with_reason() -> None:
