@@ -920,6 +920,68 @@ def drill_hostile(workdir: Path | None = None, corpus: Path | None = None) -> Dr
         return result
 
 
+def drill_hostile_urls(workdir: Path | None = None) -> DrillResult:
+    """SSRF attempts through a real worker (no allowlist): each fails as refused; no socket reaches us."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    urls = [
+        f"http://127.0.0.1:{port}/a.png",
+        f"http://localhost:{port}/a.png",
+        f"http://2130706433:{port}/a.png",
+        f"http://0x7f.1:{port}/a.png",
+        f"http://127.1:{port}/a.png",
+        f"http://0177.0.0.1:{port}/a.png",
+        f"http://[::ffff:127.0.0.1]:{port}/a.png",
+        f"http://[::1]:{port}/a.png",
+        f"http://user@127.0.0.1:{port}/a.png",
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://10.0.0.1/a.png",
+        "http://100.64.0.1/a.png",
+        "http://[fc00::1]/a.png",
+        "http://[fe80::1]/a.png",
+        f"ftp://127.0.0.1:{port}/a.png",
+    ]
+    try:
+        with drill_env("hostile_urls", workdir, allow_private_hosts="") as env:
+            worker = env.worker(concurrency=1)
+            ids = []
+            with session_scope(env.factory) as session:
+                for url in urls:
+                    check, _ = get_or_create_check(
+                        session, client="ssrf", external_id=uuid.uuid4().hex, source_url=url
+                    )
+                    ids.append(check.id)
+            enqueue_checks(env.app, ids, env.settings.batch_size)
+            recovery = env.wait_finished(ids)
+            with session_scope(env.factory) as session:
+                rows = session.scalars(sa.select(Check).where(Check.id.in_(ids)))
+                errors = [check.error or "" for check in rows]
+            connections = 0
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                connections += 1
+            refused = sum("refused" in error or "not allowed" in error for error in errors)
+            result = env.result(
+                f"SSRF URLs through the worker ({len(urls)})",
+                ids,
+                recovery,
+                f"failed as refused: {refused}/{len(urls)}; connections reaching 127.0.0.1: {connections}",
+            )
+            result.details.update(refused=refused, connections=connections, errors=errors)
+            result.details["worker_alive"] = worker.alive()
+            return result
+    finally:
+        listener.close()
+
+
 DRILLS: dict[str, Callable[..., DrillResult]] = {
     "child_kill": drill_child_kill,
     "worker_kill": drill_worker_kill,
@@ -933,6 +995,7 @@ DRILLS: dict[str, Callable[..., DrillResult]] = {
     "two_workers": drill_two_workers,
     "sigterm": drill_sigterm,
     "hostile": drill_hostile,
+    "hostile_urls": drill_hostile_urls,
     "pg_restart": drill_pg_restart,
     "pg_restart_immediate": lambda workdir=None, n=40: drill_pg_restart(workdir, n, mode="immediate"),
 }
@@ -965,7 +1028,7 @@ def main() -> None:
     results = []
     for name in names:
         started = time.monotonic()
-        kwargs = {} if args.n is None or name == "hostile" else {"n": args.n}
+        kwargs = {} if args.n is None or name.startswith("hostile") else {"n": args.n}
         try:
             result = DRILLS[name](**kwargs)
         except Exception as exc:  # noqa: BLE001 - one broken drill must not hide the others' figures

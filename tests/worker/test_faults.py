@@ -133,6 +133,16 @@ def test_hostile_corpus_through_a_real_worker(tmp_path: Path) -> None:
     assert result.failed > 0
 
 
+def test_ssrf_urls_through_a_real_worker_fail_as_refused_without_a_connection(tmp_path: Path) -> None:
+    result = drills.drill_hostile_urls(tmp_path)
+    assert_nothing_lost(result)
+    assert result.failed == result.submitted
+    assert result.details["refused"] == result.submitted
+    assert result.details["connections"] == 0
+    assert all(error.startswith("fetch failed: refused") for error in result.details["errors"])
+    assert result.details["worker_alive"]
+
+
 @pytest.mark.skipif(
     os.environ.get("SYNTHGUARD_DRILL_PG_RESTART") != "1",
     reason="restarts the machine's shared PostgreSQL; set SYNTHGUARD_DRILL_PG_RESTART=1 to run",
