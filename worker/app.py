@@ -144,6 +144,18 @@ def runtime_for(app: Celery) -> WorkerRuntime:
         raise RuntimeError("this Celery app was not created by worker.app.create_celery_app") from None
 
 
+def _share_cpu_threads(processes: int) -> None:
+    """Give each worker child its share of the CPU cores for torch's intra-op threads.
+
+    By default every child would use all cores, and N children would oversubscribe the machine N times.
+    """
+    if processes <= 1:
+        return
+    import torch  # noqa: PLC0415 - only in a worker child, after fork
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+
+
 def create_celery_app(settings: Settings) -> Celery:
     """A Celery app for ``settings`` with synthguard's tasks registered."""
     app = Celery("synthguard", broker=settings.broker_url, include=list(TASK_MODULES), set_as_current=False)
@@ -175,6 +187,7 @@ def create_celery_app(settings: Settings) -> Celery:
 
     def _init_child(**_signal_kwargs: Any) -> None:
         runtime.after_fork()
+        _share_cpu_threads(settings.worker_concurrency)
         runtime.detector  # noqa: B018 - load before the first task, in the child, never in the parent
 
     worker_process_init.connect(_init_child, weak=False, dispatch_uid=f"synthguard-init-{id(app)}")

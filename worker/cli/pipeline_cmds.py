@@ -445,7 +445,8 @@ def demo(paths: tuple[str, ...], database: str | None, images_dir: Path, output_
 )
 def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
     """Run a Celery worker that takes synthguard tasks from SYNTHGUARD_BROKER_URL."""
-    settings = cli_settings()
+    overrides: dict[str, Any] = {"worker_concurrency": concurrency} if concurrency else {}
+    settings = cli_settings(None, **overrides)
     try:
         # The worker signs webhooks with secrets encrypted under this key.
         settings.require_secret_key()
@@ -465,7 +466,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
 
     app = create_celery_app(settings)
     argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool}", f"--queues={settings.queue_name}"]
-    argv.append(f"--concurrency={concurrency or settings.worker_concurrency}")
+    argv.append(f"--concurrency={settings.worker_concurrency}")
     app.worker_main(argv)
 
 
