@@ -15,7 +15,7 @@ DOCKER_DIR = Path(__file__).resolve().parents[2] / "docker"
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
+def compose() -> Any:
     return yaml.safe_load((DOCKER_DIR / "compose.yml").read_text(encoding="utf-8"))
 
 
@@ -55,7 +55,7 @@ def test_the_settings_the_worker_gets_are_valid(compose):
         for key, value in environment.items()
         if key.startswith("SYNTHGUARD_")
     }
-    settings = Settings(**values)
+    settings = Settings.model_validate(values)
     assert settings.database_url.startswith("postgresql+psycopg://synthguard:pw@postgres")
 
 

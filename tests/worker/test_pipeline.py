@@ -35,7 +35,8 @@ class CountingDetector:
 
     def detect(self, images: Sequence[Any]) -> list[Any]:
         self.images += len(images)
-        return self.inner.detect(images)
+        detections: list[Any] = self.inner.detect(images)
+        return detections
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
