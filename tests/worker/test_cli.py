@@ -226,3 +226,34 @@ def test_worker_command_refuses_a_detector_it_cannot_load(settings, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "cannot load detector no-such-detector" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_review_overrides_the_model_verdict(tmp_path, images):
+    db_path = str(tmp_path / "review.db")
+    scanned = json.loads(run("scan", str(images / "one.png"), "--db", db_path, "--format", "json").stdout)
+    check_id = scanned[0]["check_id"]
+    model_verdict = scanned[0]["verdict"]
+
+    note = "seen it on a prompt site"
+    result = run("review", check_id, "--verdict", "generated", "--reviewer", "alice", "--note", note,
+                 "--db", db_path, "--format", "json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    reviewed = json.loads(result.stdout)[0]
+    assert reviewed["previous_verdict"] == model_verdict and reviewed["verdict"] == "generated"
+
+    flagged = json.loads(run("verdicts", "--flagged", "--db", db_path, "--format", "json").stdout)
+    assert [row["check_id"] for row in flagged] == [check_id]
+    assert flagged[0]["model_verdict"] == model_verdict
+    shown = run("show", check_id, "--db", db_path).stdout
+    assert "alice" in shown and "a reviewer set generated" in shown
+
+    run("review", check_id, "--verdict", "real", "--reviewer", "bob", "--db", db_path)
+    assert json.loads(run("verdicts", "--flagged", "--db", db_path, "--format", "json").stdout) == []
+    details = json.loads(run("show", check_id, "--db", db_path, "--format", "json").stdout)
+    assert [(r["reviewer"], r["new_verdict"]) for r in details["reviews"]] == [
+        ("alice", "generated"),
+        ("bob", "real"),
+    ]
+
+    missing = run("review", str(uuid.uuid4()), "--verdict", "real", "--reviewer", "x", "--db", db_path)
+    assert missing.exit_code == 1 and "no check" in missing.stderr

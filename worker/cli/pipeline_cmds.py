@@ -30,7 +30,7 @@ from db.base import utcnow
 from db.migrate import is_up_to_date, upgrade_to_head
 from db.queries import get_check, get_or_create_check, list_checks, list_verdicts
 from db.session import make_engine, make_session_factory, session_scope
-from db.tables import CHECK_STATUSES, Check
+from db.tables import CHECK_STATUSES, VERDICTS, Check
 from worker import pipeline
 from worker.settings import Settings, SettingsError, load_settings
 
@@ -710,9 +710,52 @@ def show(check_id: str, database: str | None, output_format: str) -> None:
         _print_details(details)
 
 
+@click.command()
+@click.argument("check_id")
+@click.option(
+    "--verdict", "new_verdict", type=click.Choice(VERDICTS), required=True, help="The reviewer's verdict."
+)
+@click.option("--reviewer", required=True, help="Who decided (stored with the review).")
+@click.option("--note", help="Why (stored; never sent in webhooks).")
+@db_option
+@format_option
+def review(  # noqa: PLR0917 - one parameter per click option
+    check_id: str, new_verdict: str, reviewer: str, note: str | None, database: str | None, output_format: str
+) -> None:
+    """Record a reviewer's verdict on a done check: it overrides the model's (listings, flagged_checks) and
+    notifies endpoints subscribed to check.reviewed."""
+    try:
+        parsed = uuid.UUID(check_id)
+    except ValueError:
+        raise click.BadParameter("not a check id (UUID)", param_hint="CHECK_ID") from None
+    settings = cli_settings(database)
+    factory = open_database(settings, migrate=False)
+    from worker import outbox  # noqa: PLC0415 - webhook payload code only where a review is written
+
+    with session_scope(factory) as session:
+        check = get_check(session, parsed)
+        if check is None:
+            raise click.ClickException(f"no check {parsed}")
+        if check.status != "done":
+            raise click.ClickException(
+                f"check {parsed} is {check.status}; only checks with a verdict are reviewed"
+            )
+        stored, delivery_ids = outbox.review_check(
+            session, parsed, reviewer=reviewer, new_verdict=new_verdict, note=note
+        )
+        row = {**check_row(check), "review_id": str(stored.id), "previous_verdict": stored.previous_verdict}
+    if delivery_ids:
+        from worker.app import create_celery_app  # noqa: PLC0415
+        from worker.tasks import enqueue_deliveries  # noqa: PLC0415
+
+        with create_celery_app(settings) as app:
+            enqueue_deliveries(app, delivery_ids)  # a broker that is down leaves them to the webhook sweep
+    emit([row], ("check_id", "previous_verdict", "verdict", "score", "external_id"), output_format)
+
+
 def register(group: click.Group) -> None:
     """Add the pipeline commands to the ``synthguard`` group."""
-    for command in (scan, demo, worker, enqueue, db, verdicts, checks, show):
+    for command in (scan, demo, worker, enqueue, db, verdicts, checks, show, review):
         group.add_command(command)
 
 
