@@ -257,3 +257,26 @@ def test_review_overrides_the_model_verdict(tmp_path, images):
 
     missing = run("review", str(uuid.uuid4()), "--verdict", "real", "--reviewer", "x", "--db", db_path)
     assert missing.exit_code == 1 and "no check" in missing.stderr
+
+
+def test_scan_sends_webhooks_without_a_broker(tmp_path, images, httpserver):
+    db_path = str(tmp_path / "hooks.db")
+    env = {
+        "SYNTHGUARD_DATABASE_URL": f"sqlite:///{db_path}",  # webhooks commands read the env
+        "SYNTHGUARD_SECRET_KEY": "0123456789abcdef0123456789abcdef",
+        "SYNTHGUARD_ALLOW_PRIVATE_HOSTS": "127.0.0.1,localhost",
+        # Nothing listens here: a scan must not need a broker to deliver.
+        "SYNTHGUARD_BROKER_URL": "redis://127.0.0.1:9/0",
+    }
+    httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
+    assert run("db", "upgrade", env=env).exit_code == 0
+    added = run("webhooks", "add", httpserver.url_for("/hook"), "--client", "scan", "--events",
+                "check.completed,check.failed", env=env)  # fmt: skip
+    assert added.exit_code == 0, added.output
+
+    result = run("scan", str(images), "--format", "json", env=env)
+    assert result.exit_code == 0, result.output
+    bodies = [json.loads(request.get_data()) for request, _ in httpserver.log]
+    assert sorted(body["type"] for body in bodies) == ["check.completed", "check.completed"]
+    scanned_ids = {row["check_id"] for row in json.loads(result.stdout)}
+    assert {body["data"]["check_id"] for body in bodies} == scanned_ids

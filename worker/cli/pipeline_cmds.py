@@ -273,14 +273,18 @@ def scan_inputs(
             check_ids += batch_ids
             with session_scope(factory) as session:
                 claimed = pipeline.claim(session, batch_ids, settings)
+            delivery_ids = list(claimed.delivery_ids)
             try:
                 with session_scope(factory) as session:
-                    pipeline.run(session, detector, claimed.check_ids, settings)
+                    delivery_ids += pipeline.run(session, detector, claimed.check_ids, settings).delivery_ids
             except sqlalchemy.exc.SQLAlchemyError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one broken batch must not end the scan unrecorded
                 with session_scope(factory) as session:
-                    pipeline.fail_checks(session, claimed.check_ids, f"internal error: {exc}", settings)
+                    delivery_ids += pipeline.fail_checks(
+                        session, claimed.check_ids, f"internal error: {type(exc).__name__}: {exc}", settings
+                    )
+            deliver_inline(factory, settings, delivery_ids)
             progress.update(len(batch))
     rows: list[dict[str, Any]] = []
     with session_scope(factory) as session:
@@ -290,6 +294,20 @@ def scan_inputs(
                 continue
             rows.append({"input": item.name, "label": item.label, **check_row(check)})
     return rows
+
+
+def deliver_inline(
+    factory: sessionmaker[Session], settings: Settings, delivery_ids: Sequence[uuid.UUID]
+) -> None:
+    """Send webhook deliveries from this process (no broker); retries stay pending for a worker's sweep."""
+    if not delivery_ids:
+        return
+    from worker.webhook_delivery import deliver_now  # noqa: PLC0415 - only when there is something to send
+
+    try:
+        deliver_now(factory, settings, delivery_ids)
+    except SettingsError as exc:
+        click.echo(f"warning: {len(delivery_ids)} webhook deliveries left pending: {exc}", err=True)
 
 
 SCAN_COLUMNS: Final = ("input", "status", "verdict", "score", "decided_by", "check_id")
@@ -744,12 +762,7 @@ def review(  # noqa: PLR0917 - one parameter per click option
             session, parsed, reviewer=reviewer, new_verdict=new_verdict, note=note
         )
         row = {**check_row(check), "review_id": str(stored.id), "previous_verdict": stored.previous_verdict}
-    if delivery_ids:
-        from worker.app import create_celery_app  # noqa: PLC0415
-        from worker.tasks import enqueue_deliveries  # noqa: PLC0415
-
-        with create_celery_app(settings) as app:
-            enqueue_deliveries(app, delivery_ids)  # a broker that is down leaves them to the webhook sweep
+    deliver_inline(factory, settings, delivery_ids)
     emit([row], ("check_id", "previous_verdict", "verdict", "score", "external_id"), output_format)
 
 
