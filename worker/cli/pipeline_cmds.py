@@ -621,6 +621,13 @@ def checks(  # noqa: PLR0917 - one parameter per click option
 
 
 def _describe_value(value: Any) -> str:
+    if isinstance(value, dict) and "value" in value and "camera_range" in value:
+        # A number with the range typical of camera photos: "0.92  (camera 0.76..1.00, within): meaning"
+        low, high = (value["camera_range"] or [None, None])[:2]
+        camera = f"camera {_describe_value(low)}..{_describe_value(high)}" if low is not None else "camera ?"
+        verdict = f", {value['vs_camera']}" if value.get("vs_camera") else ""
+        meaning = f": {value['meaning']}" if value.get("meaning") else ""
+        return f"{_describe_value(value['value'])}  ({camera}{verdict}){meaning}"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, dict | list):
