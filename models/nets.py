@@ -33,6 +33,8 @@ class NetConfig:
     width: int = 48
     unshuffle: int = 4
     blocks: int = 2
+    #: 1: the network sees the pixels and the residual; 0: the residual only (less content, more trace).
+    use_pixels: int = 1
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -72,7 +74,7 @@ class ResidualNet(nn.Module):
         super().__init__()
         self.config = config or NetConfig()
         cfg = self.config
-        self.stem = nn.Conv2d(6, cfg.stem_channels, 3, padding=1)
+        self.stem = nn.Conv2d(6 if cfg.use_pixels else 3, cfg.stem_channels, 3, padding=1)
         self.project = nn.Conv2d(cfg.stem_channels * cfg.unshuffle**2, cfg.width, 1)
         self.stage1 = nn.Sequential(*[ResidualBlock(cfg.width) for _ in range(cfg.blocks)])
         self.down = nn.Conv2d(cfg.width, 2 * cfg.width, 3, stride=2, padding=1, bias=False)
@@ -82,7 +84,8 @@ class ResidualNet(nn.Module):
         self.head = nn.Linear(4 * cfg.width, len(FAMILIES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = torch.cat([x - 0.5, high_pass(x) * RESIDUAL_GAIN], dim=1)
+        residual = high_pass(x) * RESIDUAL_GAIN
+        features = torch.cat([x - 0.5, residual], dim=1) if self.config.use_pixels else residual
         h = F.relu(self.stem(features))
         h = F.pixel_unshuffle(h, self.config.unshuffle)
         h = F.relu(self.project(h))
