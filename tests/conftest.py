@@ -190,8 +190,9 @@ def celery_app(settings: Settings) -> Celery:
 def celery_worker(celery_app: Celery, detector: Any) -> Iterator[WorkController]:
     """A real Celery worker consuming from Redis in a thread of this process (never task_always_eager).
 
-    Module-scoped: it consumes only while the module that asked for it runs, so tests elsewhere that inspect
-    the queue (the reconciler's) never meet a consumer left over. Shares the session's detector.
+    Module-scoped: it consumes only while the module that asked for it runs, and the queue is purged when it
+    stops, so tests elsewhere that inspect the queue (the reconciler's) meet no consumer and no leftovers.
+    Shares the session's detector.
     """
     from celery.contrib.testing.worker import start_worker
 
@@ -208,3 +209,6 @@ def celery_worker(celery_app: Celery, detector: Any) -> Iterator[WorkController]
         shutdown_timeout=30.0,
     ) as worker:
         yield worker
+    # Messages published while the worker stopped (its webhook-sweep and reconciler timers keep sending) must
+    # not reach later modules, which inspect the queue.
+    celery_app.control.purge()
