@@ -188,7 +188,7 @@ def celery_app(settings: Settings) -> Celery:
 
 @pytest.fixture(scope="module")
 def celery_worker(celery_app: Celery, detector: Any) -> Iterator[WorkController]:
-    """A real Celery worker consuming from Redis in a thread of this process (never task_always_eager).
+    """A real Celery worker consuming from Redis in a thread of this process (never Celery's eager mode).
 
     Module-scoped: it consumes only while the module that asked for it runs, and the queue is purged when it
     stops, so tests elsewhere that inspect the queue (the reconciler's) meet no consumer and no leftovers.

@@ -1,4 +1,4 @@
-"""A real Celery worker on Redis processes real images end to end into PostgreSQL (no task_always_eager)."""
+"""A real Celery worker on Redis processes real images end to end into PostgreSQL (never eager mode)."""
 
 from __future__ import annotations
 
