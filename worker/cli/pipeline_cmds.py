@@ -712,16 +712,20 @@ def _print_details(details: dict[str, Any]) -> None:
         )
 
 
+def _parse_check_id(check_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(check_id)
+    except ValueError:
+        raise click.BadParameter("not a check id (UUID)", param_hint="CHECK_ID") from None
+
+
 @click.command()
 @click.argument("check_id")
 @db_option
 @format_option
 def show(check_id: str, database: str | None, output_format: str) -> None:
     """Show one check with its verdict and all its evidence."""
-    try:
-        parsed = uuid.UUID(check_id)
-    except ValueError:
-        raise click.BadParameter("not a check id (UUID)", param_hint="CHECK_ID") from None
+    parsed = _parse_check_id(check_id)
     settings = cli_settings(database)
     factory = open_database(settings, migrate=False)
     with session_scope(factory) as session:
@@ -749,10 +753,7 @@ def review(  # noqa: PLR0917 - one parameter per click option
 ) -> None:
     """Record a reviewer's verdict on a done check: it overrides the model's (listings, flagged_checks) and
     notifies endpoints subscribed to check.reviewed."""
-    try:
-        parsed = uuid.UUID(check_id)
-    except ValueError:
-        raise click.BadParameter("not a check id (UUID)", param_hint="CHECK_ID") from None
+    parsed = _parse_check_id(check_id)
     settings = cli_settings(database)
     factory = open_database(settings, migrate=False)
     from worker import outbox  # noqa: PLC0415 - webhook payload code only where a review is written
