@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/bench_detect.py                 # CPU (or CUDA when available), 200 images
     .venv/bin/python bench/bench_detect.py --device cuda --batch-size 128 --count 4000
+    .venv/bin/python bench/bench_detect.py --device cuda --processes 12 --threads 1 --count 12000
+
+With --processes N, N detectors in separate processes share the device, as the N pool processes of one
+`synthguard worker --concurrency N` do; decoding and the hand-made evidence run on the CPU in each of them.
 
 Targets (issue 2): >= 10 images/s and < 1.5 GB peak RSS on the 2-core CPU; 500+ images/s on one H100.
 The images are made here: native 512x512 crops of scikit-image's sample photos plus textured noise, saved as
@@ -17,7 +21,9 @@ import resource
 import sys
 import time
 from importlib.resources import files
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,28 +57,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
-    parser.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    detector = models.create_detector("synthguard-v1", device=args.device)
-    batch_size = args.batch_size or (128 if detector.device.type == "cuda" else 8)
-    blobs = make_jpegs(args.count)
-    warm = [models.ImageInput(image=Image.open(io.BytesIO(b)), data=b) for b in blobs[:batch_size]]
+def measure(
+    *,
+    count: int,
+    batch_size: int | None,
+    device: str | None,
+    threads: int | None,
+    seed: int = 0,
+    barrier: Any = None,
+) -> dict[str, Any]:
+    """Detect `count` JPEGs made here in batches; returns throughput, peak RSS and the verdict counts."""
+    if threads:
+        torch.set_num_threads(threads)
+    detector = models.create_detector("synthguard-v1", device=device)
+    size = batch_size or (128 if detector.device.type == "cuda" else 8)
+    blobs = make_jpegs(count, seed=seed)
+    warm = [models.ImageInput(image=Image.open(io.BytesIO(b)), data=b) for b in blobs[:size]]
     detector.detect(warm)  # first call pays one-off costs (allocations, CUDA kernels)
     if detector.device.type == "cuda":
         torch.cuda.synchronize()
+    if barrier is not None:
+        barrier.wait()  # every process starts timing together
+    wall_started = time.time()
     started = time.perf_counter()
     verdicts: dict[str, int] = {}
-    for start in range(0, len(blobs), batch_size):
+    for first in range(0, len(blobs), size):
         batch = []
-        for blob in blobs[start : start + batch_size]:
+        for blob in blobs[first : first + size]:
             image = Image.open(io.BytesIO(blob))
             image.load()
             batch.append(models.ImageInput(image=image, data=blob))
@@ -81,18 +92,85 @@ def main() -> None:
     if detector.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
-    result = {
+    return {
         "model": detector.model_id,
         "device": str(detector.device),
         "device_name": torch.cuda.get_device_name() if detector.device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "images": len(blobs),
-        "batch_size": batch_size,
+        "batch_size": size,
         "seconds": round(elapsed, 2),
         "images_per_s": round(len(blobs) / elapsed, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "verdicts": verdicts,
+        "wall_started": wall_started,
+        "wall_ended": time.time(),
     }
+
+
+def _process_main(queue: Any, barrier: Any, kwargs: dict[str, Any]) -> None:
+    queue.put(measure(barrier=barrier, **kwargs))
+
+
+def measure_processes(processes: int, **kwargs: Any) -> dict[str, Any]:
+    """`processes` detectors side by side (as prefork pool processes sharing a GPU); total throughput."""
+    context = get_context("spawn")
+    queue = context.Queue()
+    barrier = context.Barrier(processes)
+    share = kwargs.pop("count") // processes
+    workers = [
+        context.Process(target=_process_main, args=(queue, barrier, kwargs | {"count": share, "seed": i}))
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    results = [queue.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    wall = max(r["wall_ended"] for r in results) - min(r["wall_started"] for r in results)
+    images = sum(r["images"] for r in results)
+    verdicts: dict[str, int] = {}
+    for r in results:
+        for verdict, n in r["verdicts"].items():
+            verdicts[verdict] = verdicts.get(verdict, 0) + n
+    first = results[0]
+    return {
+        "model": first["model"],
+        "device": first["device"],
+        "device_name": first["device_name"],
+        "processes": processes,
+        "torch_threads_per_process": first["torch_threads"],
+        "images": images,
+        "batch_size": first["batch_size"],
+        "seconds": round(wall, 2),
+        "images_per_s": round(images / wall, 2),
+        "peak_rss_mb_per_process": max(r["peak_rss_mb"] for r in results),
+        "verdicts": verdicts,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
+    parser.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="detectors in separate processes sharing the device"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    args = parser.parse_args()
+    kwargs: dict[str, Any] = {
+        "count": args.count,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "threads": args.threads,
+    }
+    if args.processes > 1:
+        result = measure_processes(args.processes, **kwargs)
+    else:
+        result = measure(**kwargs)
+        del result["wall_started"], result["wall_ended"]
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -93,6 +93,8 @@ class TrainConfig:
     net: NetConfig = field(default_factory=NetConfig)
     augmentation: Augmentation = field(default_factory=Augmentation)
     threads: int = 1
+    #: "cpu" for the shipped recipe; "cuda" trains the same recipe on a GPU (leave-one-source-out sweeps).
+    device: str = "cpu"
 
 
 @dataclass
@@ -160,6 +162,7 @@ def reconstructions(
     side: int,
     cache_path: Path,
     log: Log,
+    device: str = "cpu",
 ) -> list[NDArray[np.uint8]]:
     """taef2 encode->decode of a centred crop (at most `side`, multiple of 8) of each image, cached by key."""
     from models.taef2 import TinyAutoencoder  # noqa: PLC0415 - only training needs the autoencoder
@@ -170,7 +173,7 @@ def reconstructions(
         cached = {key: tensor.numpy() for key, tensor in stored.items()}
     missing = [i for i, key in enumerate(keys) if key not in cached]
     if missing:
-        model = TinyAutoencoder.from_dir(taef2_dir)
+        model = TinyAutoencoder.from_dir(taef2_dir).to(device)
         log(f"reconstructing {len(missing)} real images through taef2 (cached in {cache_path})")
         for done, index in enumerate(missing, start=1):
             image = pixels[index]
@@ -178,8 +181,8 @@ def reconstructions(
             crop_h, crop_w = min(side, height) // 8 * 8, min(side, width) // 8 * 8
             top, left = (height - crop_h) // 2, (width - crop_w) // 2
             crop = image[top : top + crop_h, left : left + crop_w]
-            x = torch.from_numpy(crop.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-            y = model.reconstruct(x)[0].permute(1, 2, 0).numpy()
+            x = torch.from_numpy(crop.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(device)
+            y = model.reconstruct(x)[0].permute(1, 2, 0).cpu().numpy()
             cached[keys[index]] = to_uint8(y)
             if done % 100 == 0:
                 log(f"  {done}/{len(missing)}")
@@ -258,7 +261,8 @@ def train_net(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     probabilities = sampling_probabilities(samples, config.crop_size, config.reconstruction_share)
-    net = ResidualNet(config.net)
+    device = torch.device(config.device)
+    net = ResidualNet(config.net).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     started = time.monotonic()
     net.train()
@@ -275,7 +279,7 @@ def train_net(
             aug=config.augmentation,
             rng=rng,
         )
-        loss = F.cross_entropy(net(x), y)
+        loss = F.cross_entropy(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
@@ -380,7 +384,7 @@ def calibrate(
             eval_crops.append(crop)
             eval_features.append(feature[used])
             eval_labels.append(label)
-    device = torch.device("cpu")
+    device = torch.device(config.device)
     fit_cnn = np.array([o.logit for o in cnn_outputs(net, fit_crops, device)], dtype=np.float32)
     eval_cnn = np.array([o.logit for o in cnn_outputs(net, eval_crops, device)], dtype=np.float32)
     fusion = fit_fusion(
@@ -482,6 +486,7 @@ def train(
             side=config.reconstruction_side,
             cache_path=cache_dir / f"taef2-{config.reconstruction_side}.pt",
             log=log,
+            device=config.device,
         )
         samples += [
             Sample(pixels=p, family=1, lossless=True, source="taef2", is_reconstruction=True) for p in recon
@@ -547,7 +552,7 @@ def save_weights(
     """Write a weights file that `torch.load(weights_only=True)` reads: tensors, numbers, strings, lists,
     dicts.
     """
-    state = {key: value.detach().clone().contiguous() for key, value in net.state_dict().items()}
+    state = {key: value.detach().cpu().clone().contiguous() for key, value in net.state_dict().items()}
     payload = {
         "format": WEIGHTS_FORMAT,
         "families": list(FAMILIES),

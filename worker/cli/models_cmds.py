@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,7 @@ def eval_command(
             summary = leave_one_source_out(
                 manifest,
                 loso_dir,
-                train_config=TrainConfig(steps=loso_steps),
+                train_config=TrainConfig(steps=loso_steps, device=device or "cpu"),
                 sources=holdout_sources,
                 taef2_dir=taef2_dir,
                 cache_dir=cache_dir,
@@ -194,6 +195,9 @@ def eval_command(
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--cache-dir", default=Path("runs/cache"), show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--device", default="cpu", show_default=True, help="cpu (shipped recipe) or cuda (same recipe, GPU)"
+)
 def train_command(
     *,
     manifest: Path,
@@ -204,13 +208,14 @@ def train_command(
     minutes: float,
     seed: int,
     cache_dir: Path,
+    device: str,
 ) -> None:
     """Train a detector from a labelled manifest; writes DIR/weights.pt and DIR/train_summary.json."""
     from models.training import TrainConfig, train  # noqa: PLC0415 - training code is not needed to detect
 
-    config = TrainConfig(seed=seed, max_minutes=minutes, exclude_sources=exclude_sources)
+    config = TrainConfig(seed=seed, max_minutes=minutes, exclude_sources=exclude_sources, device=device)
     if steps is not None:
-        config = TrainConfig(seed=seed, max_minutes=minutes, exclude_sources=exclude_sources, steps=steps)
+        config = replace(config, steps=steps)
     try:
         path = train(manifest, out_dir, config, taef2_dir=taef2_dir, cache_dir=cache_dir, log=click.echo)
     except DetectorError as exc:
