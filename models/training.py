@@ -51,6 +51,7 @@ from models.data import (
     read_manifest,
     to_uint8,
 )
+from models.errors import DetectorError
 from models.nets import FAMILIES, NetConfig, ResidualNet
 from models.preprocess import CROP_ALIGN
 
@@ -420,6 +421,24 @@ def roc_auc(labels: NDArray[np.int64], scores: NDArray[Any]) -> float:
     return _auc(labels, scores)
 
 
+def check_device(name: str) -> None:
+    """Refuse, before hours of work start, a training device this machine does not have.
+
+    Raises:
+        DetectorError: the name is not a torch device, or names a CUDA device that is not there.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DetectorError(f"unknown training device {name!r}: {exc}") from exc
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise DetectorError(f"training device {name!r} is not available here (no such CUDA device)")
+    if device.type not in {"cpu", "cuda"}:
+        raise DetectorError(f"training device {name!r} is not supported: use cpu or cuda")
+
+
 def _manifest_key(rows: Sequence[ManifestRow]) -> str:
     digest = hashlib.sha256("\n".join(str(r.path) for r in rows).encode()).hexdigest()
     return digest[:16]
@@ -438,7 +457,9 @@ def train(
 
     Raises:
         ManifestError: the manifest is unusable or leaves one class empty.
+        DetectorError: `config.device` is not a device this machine has.
     """
+    check_device(config.device)
     torch.set_num_threads(config.threads)
     started = time.monotonic()
     rows = read_manifest(manifest)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import detector_from_weights
+from models import DetectorError, detector_from_weights
 from models.data import ManifestError, read_manifest
 from models.preprocess import CROP_ALIGN
 from models.taef2 import TinyAutoencoder
@@ -90,6 +90,29 @@ def test_training_is_reproducible_with_a_seed(tmp_path):
     state_a = torch.load(first, weights_only=True)["state_dict"]
     state_b = torch.load(second, weights_only=True)["state_dict"]
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU training path)")
+def test_training_on_cuda_writes_weights_that_load_on_the_cpu(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data")
+    config = TrainConfig(steps=6, batch_size=8, calibration_fraction=0.34, max_crops=4, device="cuda")
+    weights = train(manifest, tmp_path / "out", config, cache_dir=tmp_path / "cache", log=lambda _: None)
+    state = torch.load(weights, weights_only=True)["state_dict"]
+    assert all(tensor.device.type == "cpu" for tensor in state.values())
+    detector = detector_from_weights(weights, device="cpu")
+    image = Image.fromarray(_smooth_noise(np.random.default_rng(5), 128))
+    assert detector.detect([image])[0].decided_by == "pixels"
+
+
+@pytest.mark.parametrize("device", ["tpu-9000", "cuda:7", "meta"])
+def test_a_training_device_the_machine_lacks_is_refused_before_any_work(tmp_path, device):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    manifest = write_tiny_manifest(tmp_path / "data")
+    config = TrainConfig(steps=1, device=device)
+    with pytest.raises(DetectorError, match="training device"):
+        train(manifest, tmp_path / "out", config, cache_dir=tmp_path / "cache", log=lambda _: None)
+    assert not (tmp_path / "cache").exists(), "the device is checked before the pixel cache is built"
 
 
 def test_excluding_an_unknown_source_is_a_clear_error(tmp_path):
