@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import resource
 import sys
 import time
@@ -114,6 +115,10 @@ def _process_main(queue: Any, barrier: Any, kwargs: dict[str, Any]) -> None:
 
 def measure_processes(processes: int, **kwargs: Any) -> dict[str, Any]:
     """`processes` detectors side by side (as prefork pool processes sharing a GPU); total throughput."""
+    # Spawned children read these when they import NumPy and PyTorch: one process per core, no thread pools
+    # that would each claim every core.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(kwargs.get("threads") or 1))
     context = get_context("spawn")
     queue = context.Queue()
     barrier = context.Barrier(processes)

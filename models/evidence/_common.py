@@ -21,8 +21,10 @@ RANGES_PATH = Path(__file__).with_name("camera_ranges.json")
 
 def luminance(rgb: FloatArray) -> FloatArray:
     """Rec. 601 luma: JPEG codes this channel at full resolution, so block traces live here."""
-    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return np.asarray(rgb @ weights, dtype=np.float32)
+    # Element-wise, not `rgb @ weights`: a matrix product goes to OpenBLAS, which starts a thread per core in
+    # every process, and many detector processes on one machine (a GPU worker) then fight over the cores.
+    r, g, b = (rgb[..., c].astype(np.float32, copy=False) for c in range(3))
+    return np.asarray(np.float32(0.299) * r + np.float32(0.587) * g + np.float32(0.114) * b, dtype=np.float32)
 
 
 def laplacian_residual(plane: FloatArray) -> FloatArray:

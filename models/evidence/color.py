@@ -34,8 +34,9 @@ CELL_FLOOR = np.float32(0.25 / 255.0)
 def _correlation(a: FloatArray, b: FloatArray) -> float:
     a0 = (a - a.mean()).ravel()
     b0 = (b - b.mean()).ravel()
-    denom = float(np.sqrt(np.dot(a0, a0) * np.dot(b0, b0)))
-    return float(np.dot(a0, b0)) / denom if denom > 0 else 0.0
+    # Sums of products rather than np.dot, which would go to (multi-threaded) BLAS; see `luminance`.
+    denom = float(np.sqrt(np.sum(a0 * a0, dtype=np.float64) * np.sum(b0 * b0, dtype=np.float64)))
+    return float(np.sum(a0 * b0, dtype=np.float64)) / denom if denom > 0 else 0.0
 
 
 def lattice_strength(residual: FloatArray) -> float:
