@@ -35,9 +35,18 @@ class ScriptedServer:
     connections: int = 0
     bytes_sent: dict[str, int] = field(default_factory=dict)
     port: int = 0
+    #: Set when a connection's script has returned (or the client hung up on it).
+    handled: threading.Event = field(default_factory=threading.Event)
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
+
+    def sent_when_done(self, path: str, timeout: float = 10.0) -> int:
+        """Bytes the script for `path` managed to send, read once it has finished (the client sees the
+        bytes before the server thread counts them, so reading earlier races with the count).
+        """
+        assert self.handled.wait(timeout), f"the script for {path} did not finish in {timeout} s"
+        return self.bytes_sent.get(path, 0)
 
     def send(self, sock: socket.socket, path: str, data: bytes) -> None:
         sock.sendall(data)
@@ -71,6 +80,8 @@ def scripted() -> Iterator[ScriptedServer]:
                     script(sock, state)
             except OSError:
                 pass  # the client hung up: that is what several tests provoke
+            finally:
+                state.handled.set()
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -251,7 +262,7 @@ def test_declared_oversize_is_refused_without_reading(scripted: ScriptedServer) 
     with pytest.raises(FetchError, match="Content-Length") as failed:
         fetch_image(scripted.url("/big"), settings())
     assert not failed.value.transient
-    assert scripted.bytes_sent["/big"] < 100 * MIB
+    assert scripted.sent_when_done("/big") < 100 * MIB
 
 
 def test_body_larger_than_cap_is_cut(scripted: ScriptedServer) -> None:
@@ -350,7 +361,7 @@ def test_slow_body_is_cut_at_the_overall_deadline(scripted: ScriptedServer) -> N
     with pytest.raises(FetchError, match="timed out") as failed:
         fetch_image(scripted.url("/slow"), settings(fetch_timeout_s=1.5))
     assert failed.value.transient
-    assert scripted.bytes_sent["/slow"] < len(head) + 600
+    assert scripted.sent_when_done("/slow") < len(head) + 600
 
 
 def test_slow_headers_are_cut_at_the_overall_deadline(scripted: ScriptedServer) -> None:
@@ -363,7 +374,7 @@ def test_slow_headers_are_cut_at_the_overall_deadline(scripted: ScriptedServer) 
     scripted.routes["/slowhead"] = slow_headers
     with pytest.raises(FetchError, match="timed out"):
         fetch_image(scripted.url("/slowhead"), settings(fetch_timeout_s=1.5))
-    assert scripted.bytes_sent["/slowhead"] < 600 * len(b"X-Pad-000: a\r\n")
+    assert scripted.sent_when_done("/slowhead") < 600 * len(b"X-Pad-000: a\r\n")
 
 
 def test_deadline_covers_redirect_hops(scripted: ScriptedServer) -> None:
