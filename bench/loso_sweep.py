@@ -39,7 +39,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "crops32": {"max_crops": 32},
     # Residual-only input: the network cannot see the raw pixels, so less of the content.
     "residual32": {"max_crops": 32, "net": NetConfig(use_pixels=0)},
-    # Three times the optimiser steps of the shipped recipe (about 27 minutes on the 2-core CPU).
+    # Three times the optimiser steps of the shipped recipe (28-32 minutes per fold on the 2-core CPU).
     "steps3x": {"steps": 10500},
     # Half of the generated side are taef2 reconstructions of real photos (same content, decoder trace).
     "recon50": {"max_crops": 32, "reconstruction_share": 0.5},

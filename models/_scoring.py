@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from models.errors import DetectorError
 from models.nets import ResidualNet, generated_logit
 from models.preprocess import native_crops
 
@@ -21,6 +22,25 @@ FloatArray = NDArray[np.float32]
 
 #: Standardised evidence features are clipped to this many standard deviations.
 Z_CLIP = 4.0
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` or "auto": CUDA when available, else the CPU; anything else must name a device that is here.
+
+    Raises:
+        DetectorError: not a torch device name, or a CUDA device this machine does not have.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise DetectorError(f"unknown device {str(device)!r}: {exc}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DetectorError("device 'cuda' was requested but CUDA is not available")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise DetectorError(f"device {str(device)!r} was requested but there is no such CUDA device")
+    return resolved
 
 
 def crop_tensor(

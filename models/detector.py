@@ -26,7 +26,7 @@ from PIL import Image
 
 from models._config import SYNTHGUARD_V1, DetectorCfg
 from models._registry import register_detector
-from models._scoring import CnnOutput, Fusion, cnn_outputs, crop_tensor
+from models._scoring import CnnOutput, Fusion, cnn_outputs, crop_tensor, resolve_device
 from models._types import Detection, ImageInput, Verdict
 from models.errors import DetectorError
 from models.evidence import FEATURE_NAMES, evidence_features, pixel_evidence, read_provenance
@@ -101,15 +101,6 @@ def cfg_from_weights(path: Path, name: str = "synthguard-local", version: str = 
     )
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DetectorError("device 'cuda' was requested but CUDA is not available")
-    return resolved
-
-
 @dataclass
 class _Prepared:
     """Per-image state between the per-image steps and the batched CNN."""
@@ -132,7 +123,7 @@ class Detector:
 
     def __init__(self, cfg: DetectorCfg, device: str | torch.device | None = None) -> None:
         self.cfg = cfg
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         payload, _ = load_weights(cfg.weights_path, cfg.weights_sha256)
         if int(payload["crop_size"]) != cfg.crop_size:
             raise WeightsError(

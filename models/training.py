@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional name
 from numpy.typing import NDArray
 from PIL import Image
 
-from models._scoring import Fusion, cnn_outputs, crop_tensor, fit_fusion
+from models._scoring import Fusion, cnn_outputs, crop_tensor, fit_fusion, resolve_device
 from models.data import (
     CONDITIONS,
     LOSSLESS_FORMATS,
@@ -421,22 +421,19 @@ def roc_auc(labels: NDArray[np.int64], scores: NDArray[Any]) -> float:
     return _auc(labels, scores)
 
 
-def check_device(name: str) -> None:
-    """Refuse, before hours of work start, a training device this machine does not have.
+def training_device(name: str) -> str:
+    """The device `name` resolves to here ("auto" included), refused before any work if training can't use it.
 
     Raises:
-        DetectorError: the name is not a torch device, or names a CUDA device that is not there.
+        DetectorError: not a device this machine has, or not one training supports (cpu, cuda).
     """
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise DetectorError(f"unknown training device {name!r}: {exc}") from exc
-    if device.type == "cuda" and (
-        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
-    ):
-        raise DetectorError(f"training device {name!r} is not available here (no such CUDA device)")
+        device = resolve_device(name)
+    except DetectorError as exc:
+        raise DetectorError(f"training device {name!r}: {exc}") from exc
     if device.type not in {"cpu", "cuda"}:
         raise DetectorError(f"training device {name!r} is not supported: use cpu or cuda")
+    return str(device)
 
 
 def _manifest_key(rows: Sequence[ManifestRow]) -> str:
@@ -459,7 +456,7 @@ def train(
         ManifestError: the manifest is unusable or leaves one class empty.
         DetectorError: `config.device` is not a device this machine has.
     """
-    check_device(config.device)
+    config = replace(config, device=training_device(config.device))
     torch.set_num_threads(config.threads)
     started = time.monotonic()
     rows = read_manifest(manifest)

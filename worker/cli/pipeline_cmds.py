@@ -719,6 +719,13 @@ def _parse_check_id(check_id: str) -> uuid.UUID:
         raise click.BadParameter("not a check id (UUID)", param_hint="CHECK_ID") from None
 
 
+def _existing_check(session: Session, check_id: uuid.UUID) -> Check:
+    check = get_check(session, check_id)
+    if check is None:
+        raise click.ClickException(f"no check {check_id}")
+    return check
+
+
 @click.command()
 @click.argument("check_id")
 @db_option
@@ -729,10 +736,7 @@ def show(check_id: str, database: str | None, output_format: str) -> None:
     settings = cli_settings(database)
     factory = open_database(settings, migrate=False)
     with session_scope(factory) as session:
-        check = get_check(session, parsed)
-        if check is None:
-            raise click.ClickException(f"no check {parsed}")
-        details = check_details(check)
+        details = check_details(_existing_check(session, parsed))
     if output_format == "json":
         click.echo(json.dumps(details, indent=2, default=_json_default))
     else:
@@ -759,9 +763,7 @@ def review(  # noqa: PLR0917 - one parameter per click option
     from worker import outbox  # noqa: PLC0415 - webhook payload code only where a review is written
 
     with session_scope(factory) as session:
-        check = get_check(session, parsed)
-        if check is None:
-            raise click.ClickException(f"no check {parsed}")
+        check = _existing_check(session, parsed)
         if check.status != "done":
             raise click.ClickException(
                 f"check {parsed} is {check.status}; only checks with a verdict are reviewed"
