@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from models.training import (
     Sample,
     TrainConfig,
     augmented_crop,
+    real_thresholds,
     sampling_probabilities,
     split_calibration,
     train,
@@ -75,6 +77,21 @@ def test_tiny_training_produces_weights_that_load_and_detect(tmp_path):
     detections = detector.detect([Image.fromarray(_smooth_noise(np.random.default_rng(5), 128))])
     assert detections[0].decided_by == "pixels"
     assert detector.model_id.endswith(summary_sha(weights))
+
+
+@pytest.mark.parametrize("evidence_in_score", [False, True])
+def test_evidence_enters_the_score_only_when_the_recipe_asks(tmp_path, evidence_in_score):
+    manifest = write_tiny_manifest(tmp_path / "data")
+    config = replace(TINY, evidence_in_score=evidence_in_score)
+    weights = train(manifest, tmp_path / "out", config, cache_dir=tmp_path / "cache", log=lambda _: None)
+    detector = detector_from_weights(weights, device="cpu")
+    (detection,) = detector.detect([Image.fromarray(_camera_like(np.random.default_rng(6), 128))])
+    terms = set(detection.evidence["learned"]["contributions"])
+    assert bool(detector.cfg.feature_names) is evidence_in_score
+    assert ("spectral.mid_energy" in terms) is evidence_in_score
+    assert {"cnn", "bias"} <= terms
+    # Reviewers see the evidence either way.
+    assert "value" in detection.evidence["spectral"]["mid_energy"]
 
 
 def summary_sha(path: Path) -> str:
@@ -198,6 +215,28 @@ def _cbsd68_crop() -> torch.Tensor:
     top, left = (rgb.shape[0] - 256) // 2, (rgb.shape[1] - 256) // 2
     crop = np.ascontiguousarray(rgb[top : top + 256, left : left + 256])
     return torch.from_numpy(crop).permute(2, 0, 1)[None]
+
+
+def test_thresholds_come_from_the_reals_and_sit_above_their_99th_percentile():
+    rng = np.random.default_rng(3)
+    logits = rng.logistic(-3.0, 0.5, 2000)
+    reals = 1.0 / (1.0 + np.exp(-logits))
+    q90, q99 = np.quantile(logits, [0.90, 0.99])
+
+    bare = real_thresholds(reals, margin=0.0)
+    wide = real_thresholds(reals, margin=2.0)
+
+    assert bare["generated"] == pytest.approx(1.0 / (1.0 + np.exp(-q99)))
+    assert wide["generated"] == pytest.approx(1.0 / (1.0 + np.exp(-(q99 + 2.0 * (q99 - q90)))))
+    assert wide["uncertain"] == bare["uncertain"] == pytest.approx(np.quantile(reals, 0.95))
+    assert (reals >= wide["generated"]).mean() < (reals >= bare["generated"]).mean() <= 0.011
+    # Shifting every real up (a source the model scores higher) moves both thresholds up with it.
+    assert real_thresholds(reals * 0.5 + 0.5, margin=2.0)["generated"] > wide["generated"]
+
+
+def test_thresholds_without_calibration_reals_are_a_clear_error():
+    with pytest.raises(ManifestError, match="no calibration real images"):
+        real_thresholds(np.array([]), margin=2.0)
 
 
 def test_taef2_loads_strictly_and_round_trips_a_photo():
