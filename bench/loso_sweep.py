@@ -35,12 +35,15 @@ from models.training import TrainConfig, _manifest_key, reconstructions
 #: Recipe name -> changes to the shipped `TrainConfig`. `shipped` is the recipe of the committed weights.
 RECIPES: dict[str, dict[str, Any]] = {
     "shipped": {},
+    # The recipe of synthguard-v1 1.0.0: evidence fused into the score, "generated" at the bare 99th
+    # percentile of the calibration reals.
+    "fused_q99": {"evidence_in_score": True, "generated_margin": 0.0},
     # Same training, 32 crops per image read at detection time instead of 8 (the fusion is refitted).
     "crops32": {"max_crops": 32},
     # Residual-only input: the network cannot see the raw pixels, so less of the content.
     "residual32": {"max_crops": 32, "net": NetConfig(use_pixels=0)},
-    # Three times the optimiser steps of the shipped recipe (28-32 minutes per fold on the 2-core CPU).
-    "steps3x": {"steps": 10500},
+    # Three times the optimiser steps of the 1.0.0 recipe (28-32 minutes per fold on the 2-core CPU).
+    "steps3x": {"steps": 10500, "evidence_in_score": True, "generated_margin": 0.0},
     # Half of the generated side are taef2 reconstructions of real photos (same content, decoder trace).
     "recon50": {"max_crops": 32, "reconstruction_share": 0.5},
 }

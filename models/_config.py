@@ -62,34 +62,17 @@ class DetectorCfg:
 
 SYNTHGUARD_V1 = DetectorCfg(
     name="synthguard-v1",
-    version="1.0.0",
+    version="1.1.0",
     weights_file="synthguard-v1.pt",
-    weights_sha256="fa61647da0830be7fb6a03b689d98d4a3e8fff28be10b808915b9d49ab8237da",
+    weights_sha256="3579e398476e1f1f2d76fbd88562bfe3934c575e7d42c97d3bb2530cad513b2a",
     crop_size=64,
     max_crops=8,
-    threshold_generated=0.863405,
-    threshold_uncertain=0.727747,
-    feature_names=(
-        "spectral.residual_level",
-        "spectral.mid_energy",
-        "spectral.high_energy",
-        "spectral.peak_count",
-        "spectral.peak_strength",
-        "color.residual_corr_rg",
-        "color.residual_corr_gb",
-        "color.residual_corr_rb",
-        "color.cfa_r",
-        "color.cfa_g",
-        "color.cfa_b",
-        "grid.period2",
-        "grid.period4",
-        "grid.period8",
-        "grid.period8_off_jpeg",
-        "grid.period16",
-        "grid.interior_var8",
-    ),
+    threshold_generated=0.970182,
+    threshold_uncertain=0.774002,
+    # The hand-made evidence is computed and shown, but no longer enters the score (MODEL_CARD.md says why).
+    feature_names=(),
     training_summary=(
-        "residual CNN on 8 native 64 px crops + spectral/colour/grid evidence fusion; 3500 steps on "
-        "datasets/dev + taef2 reconstructions, seed 0; see models/MODEL_CARD.md"
+        "residual CNN on 8 native 64 px crops, Platt-calibrated; 3500 steps on datasets/dev + taef2 "
+        "reconstructions, seed 0; see models/MODEL_CARD.md"
     ),
 )

@@ -65,7 +65,7 @@ Log = Callable[[str], None]
 
 #: Chosen by leaving each of the three largest real sources out (no generated image involved): with the bare
 #: 99th percentile of the calibration reals, 5-8% of an unseen real source was flagged; see MODEL_CARD.md.
-GENERATED_MARGIN = 2.0
+GENERATED_MARGIN = 1.0
 
 
 @dataclass(frozen=True)
