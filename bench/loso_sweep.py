@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.data import build_pixel_cache, largest_sources, read_manifest
 from models.evaluation import leave_one_source_out, summarise_folds
 from models.nets import NetConfig
-from models.training import TrainConfig, _manifest_key, reconstructions
+from models.training import TrainConfig, pixel_cache_path, reconstructions
 
 #: Recipe name -> changes to the shipped `TrainConfig`. `shipped` is the recipe of the committed weights.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -120,7 +120,7 @@ def main() -> None:
     sources = [s for s in args.sources.split(",") if s] or largest_sources(rows)
     started = time.monotonic()
     # The caches are built once here, so that the parallel folds only read them.
-    cache = build_pixel_cache(rows, args.cache_dir / f"pixels-{_manifest_key(rows)}.pt")
+    cache = build_pixel_cache(rows, pixel_cache_path(rows, args.cache_dir))
     if args.taef2_dir:
         reals = [i for i, r in enumerate(rows) if not r.is_fake]
         reconstructions(

@@ -472,9 +472,10 @@ def training_device(name: str) -> str:
     return str(device)
 
 
-def _manifest_key(rows: Sequence[ManifestRow]) -> str:
+def pixel_cache_path(rows: Sequence[ManifestRow], cache_dir: Path) -> Path:
+    """Where the decoded pixels of exactly these manifest rows are cached (keyed by their paths, in order)."""
     digest = hashlib.sha256("\n".join(str(r.path) for r in rows).encode()).hexdigest()
-    return digest[:16]
+    return cache_dir / f"pixels-{digest[:16]}.pt"
 
 
 def train(
@@ -496,7 +497,7 @@ def train(
     torch.set_num_threads(config.threads)
     started = time.monotonic()
     rows = read_manifest(manifest)
-    cache = build_pixel_cache(rows, cache_dir / f"pixels-{_manifest_key(rows)}.pt")
+    cache = build_pixel_cache(rows, pixel_cache_path(rows, cache_dir))
     excluded_sources = set(config.exclude_sources)
     excluded_paths = {str(Path(p)) for p in config.exclude_paths}
     unknown = excluded_sources - {row.source for row in rows}
