@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.data import CONDITIONS, apply_condition, load_rgb, read_manifest
 from models.detector import detector_from_weights
 from models.evaluation import counterpart_split, roc_auc, tpr_at_fpr
-from models.training import TrainConfig, real_thresholds, split_calibration
+from models.training import TrainConfig, real_thresholds, training_split
 
 MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 REPORTED = ("native", "crop512_jpeg90")
@@ -66,14 +66,11 @@ def fold_scores(manifest: Path, fold_dir: Path, source: str, seed: int) -> dict[
     """Scores of one fold's calibration reals and test rows, split exactly as `leave_one_source_out` did."""
     rows = read_manifest(manifest)
     counterpart = counterpart_split(rows, source, 0.25, seed)
-    excluded = {str(rows[i].path) for i in counterpart}
-    keep = [
-        i
-        for i, row in enumerate(rows)
-        if row.source != source and str(row.path) not in excluded and row.split != "test"
-    ]
-    _, calibration = split_calibration([rows[i] for i in keep], TrainConfig().calibration_fraction, seed)
-    calibration_reals = [keep[i] for i in calibration if not rows[keep[i]].is_fake]
+    fold_config = TrainConfig(
+        seed=seed, exclude_sources=(source,), exclude_paths=tuple(str(rows[i].path) for i in counterpart)
+    )
+    _, calibration = training_split(rows, fold_config)
+    calibration_reals = [i for i in calibration if not rows[i].is_fake]
     test = [i for i, row in enumerate(rows) if row.source == source] + counterpart
     weights = fold_dir / "weights.pt"
     return {

@@ -478,26 +478,9 @@ def pixel_cache_path(rows: Sequence[ManifestRow], cache_dir: Path) -> Path:
     return cache_dir / f"pixels-{digest[:16]}.pt"
 
 
-def train(
-    manifest: Path,
-    out_dir: Path,
-    config: TrainConfig,
-    *,
-    taef2_dir: Path | None = None,
-    cache_dir: Path = Path("runs/cache"),
-    log: Log = print,
-) -> Path:
-    """Train, calibrate and save `out_dir/weights.pt` (+ `train_summary.json`); returns the weights path.
-
-    Raises:
-        ManifestError: the manifest is unusable or leaves one class empty.
-        DetectorError: `config.device` is not a device this machine has.
-    """
-    config = replace(config, device=training_device(config.device))
-    torch.set_num_threads(config.threads)
-    started = time.monotonic()
-    rows = read_manifest(manifest)
-    cache = build_pixel_cache(rows, pixel_cache_path(rows, cache_dir))
+def training_split(rows: Sequence[ManifestRow], config: TrainConfig) -> tuple[list[int], list[int]]:
+    """Manifest indices of the training and calibration images: every row that is not excluded by source or
+    path and not marked `test`, split per source by `split_calibration`."""
     excluded_sources = set(config.exclude_sources)
     excluded_paths = {str(Path(p)) for p in config.exclude_paths}
     unknown = excluded_sources - {row.source for row in rows}
@@ -518,9 +501,33 @@ def train(
         raise ManifestError(
             "the calibration split needs real and generated images (sources of at least 3 images each)"
         )
+    return train_idx, cal_idx
+
+
+def train(
+    manifest: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    taef2_dir: Path | None = None,
+    cache_dir: Path = Path("runs/cache"),
+    log: Log = print,
+) -> Path:
+    """Train, calibrate and save `out_dir/weights.pt` (+ `train_summary.json`); returns the weights path.
+
+    Raises:
+        ManifestError: the manifest is unusable or leaves one class empty.
+        DetectorError: `config.device` is not a device this machine has.
+    """
+    config = replace(config, device=training_device(config.device))
+    torch.set_num_threads(config.threads)
+    started = time.monotonic()
+    rows = read_manifest(manifest)
+    cache = build_pixel_cache(rows, pixel_cache_path(rows, cache_dir))
+    train_idx, cal_idx = training_split(rows, config)
     log(
         f"{len(train_idx)} training images, {len(cal_idx)} calibration images, "
-        f"{len(rows) - len(keep)} excluded"
+        f"{len(rows) - len(train_idx) - len(cal_idx)} excluded"
     )
     samples = [
         Sample(
@@ -561,7 +568,7 @@ def train(
         "training_images": len(train_idx),
         "reconstructions": n_recon,
         "calibration": stats,
-        "excluded_sources": sorted(excluded_sources),
+        "excluded_sources": sorted(set(config.exclude_sources)),
         "minutes": round((time.monotonic() - started) / 60, 2),
         "config": _jsonable(asdict(config)),
         "torch": torch.__version__,
