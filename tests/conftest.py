@@ -194,21 +194,18 @@ def celery_worker(celery_app: Celery, detector: Any) -> Iterator[WorkController]
     stops, so tests elsewhere that inspect the queue (the reconciler's) meet no consumer and no leftovers.
     Shares the session's detector.
     """
-    from celery.contrib.testing.worker import start_worker
-
+    from tests.workers import in_process_worker
     from worker.app import runtime_for
 
     runtime_for(celery_app).set_detector(detector)
-    with start_worker(
+    with in_process_worker(
         celery_app,
         pool="solo",
         concurrency=1,
-        perform_ping_check=False,
         queues=[celery_app.conf.task_default_queue],
-        loglevel="WARNING",
         shutdown_timeout=30.0,
     ) as worker:
         yield worker
-    # Messages published while the worker stopped (its webhook-sweep and reconciler timers keep sending) must
+    # Messages its timers (webhook sweep, reconciler) published in its last moments must
     # not reach later modules, which inspect the queue.
     celery_app.control.purge()

@@ -271,6 +271,9 @@ class ReconcilerStep(bootsteps.StartStopStep):
             entry.cancel()
         self._entries = []
 
+    # As for the webhook sweep: the default terminate does nothing for a step without ``obj``.
+    terminate = stop
+
 
 @worker_init.connect(weak=False, dispatch_uid="synthguard-reconciler-step")
 def _install_reconciler_step(sender: Any = None, **_: Any) -> None:

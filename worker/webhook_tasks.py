@@ -119,37 +119,41 @@ def sweep_webhooks(self: Task[Any, Any], grace_s: float | None = None) -> int:
 
 
 class WebhookSweepStep(bootsteps.StartStopStep):
-    """Worker bootstep: a daemon thread that sends ``synthguard.sweep_webhooks`` every sweep interval."""
+    """Worker bootstep: sends ``synthguard.sweep_webhooks`` every sweep interval from the worker's timer.
+
+    From the timer, not from a thread of its own, for the reason the reconciler gives (``worker.reconcile``):
+    a prefork child forked while another thread holds the producer pool's lock inherits it locked.
+    """
 
     label = "webhook sweep"
+    requires = ("celery.worker.components:Timer",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._entry: Any = None
 
     def start(self, parent: Any) -> None:
         app: Celery = parent.app
         interval = runtime_for(app).settings.webhook_sweep_interval_s
         queue = app.conf.task_default_queue
 
-        def loop() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    app.send_task(SWEEP_WEBHOOKS_TASK, queue=queue)
-                except Exception:  # the broker may be down; try again next interval
-                    log.warning("could not send the webhook sweep task", exc_info=True)
+        def send_sweep() -> None:
+            try:
+                app.send_task(SWEEP_WEBHOOKS_TASK, queue=queue)
+            except Exception:  # the broker may be down; try again next interval
+                log.warning("could not send the webhook sweep task", exc_info=True)
 
-        self._stop.clear()
-        self._thread = threading.Thread(target=loop, name="synthguard-webhook-sweep", daemon=True)
-        self._thread.start()
+        self._entry = parent.timer.call_repeatedly(interval, send_sweep)
 
     def stop(self, parent: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._entry is not None:
+            self._entry.cancel()
+            self._entry = None
         close_http_client(parent.app)
+
+    # A cold shutdown calls terminate, whose default does nothing for a step without ``obj``: the timer
+    # entry would outlive the worker and keep sending sweeps (seen in the tests, where the process goes on).
+    terminate = stop
 
 
 @worker_init.connect(weak=False, dispatch_uid="synthguard-webhook-sweep-step")

@@ -15,6 +15,7 @@ from standardwebhooks.webhooks import Webhook
 from db.session import session_scope
 from db.webhook_tables import WebhookDelivery
 from tests.worker.webhook_helpers import Script, add_checked_image, fast_settings, run_receiver
+from tests.workers import in_process_worker
 from worker import outbox
 from worker.webhook_endpoints import create_endpoint
 from worker.webhooks import SecretCipher
@@ -50,15 +51,11 @@ def webhook_app(webhook_settings):
 
 @pytest.fixture(scope="module")
 def webhook_worker(webhook_app):
-    from celery.contrib.testing.worker import start_worker
-
-    with start_worker(
+    with in_process_worker(
         webhook_app,
         pool="threads",
         concurrency=2,
-        perform_ping_check=False,
         queues=[webhook_app.conf.task_default_queue],
-        loglevel="WARNING",
         shutdown_timeout=10.0,
     ) as worker:
         yield worker
@@ -128,3 +125,36 @@ def test_invalid_delivery_id_is_dropped_and_the_worker_carries_on(
     delivery_id, _ = _flagged_delivery(pg_session_factory, webhook_settings, receiver.url_for("/hook"))
     webhook_app.send_task("synthguard.deliver_webhook", kwargs={"delivery_id": str(delivery_id)})
     assert _wait_final(pg_session_factory, delivery_id).status == "succeeded"
+
+
+def test_a_stopped_worker_sends_no_more_sweeps(settings):
+    """The sweep's timer entry ends with the worker, also on the cold shutdown the test harness uses.
+
+    The worker consumes another queue, so the sweeps it sends stay countable in its default queue.
+    """
+    import redis
+
+    from worker.app import create_celery_app, runtime_for
+
+    app = create_celery_app(
+        fast_settings(
+            settings,
+            queue_name=f"synthguard-test-sweep-{uuid.uuid4().hex[:8]}",
+            webhook_sweep_interval_s=0.2,
+        )
+    )
+    sweeps_queue = app.conf.task_default_queue
+    broker = redis.Redis.from_url(settings.broker_url)
+    try:
+        with in_process_worker(app, pool="solo", queues=[f"{sweeps_queue}-unused"], shutdown_timeout=10.0):
+            deadline = time.monotonic() + WAIT_S
+            while broker.llen(sweeps_queue) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert broker.llen(sweeps_queue) >= 2  # the sweep runs while the worker does
+        broker.delete(sweeps_queue)
+        time.sleep(1.0)  # five sweep intervals
+        assert broker.llen(sweeps_queue) == 0
+    finally:
+        broker.delete(sweeps_queue)
+        broker.close()
+        runtime_for(app).engine.dispose()
