@@ -49,6 +49,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "shipped3x": {"steps": 10500, "max_minutes": 120.0},
     # Half of the generated side are taef2 reconstructions of real photos (same content, decoder trace).
     "recon50": {"max_crops": 32, "reconstruction_share": 0.5},
+    # 1.1.0's recipe with every source drawn equally often within its class (weight 1/size, not 1/sqrt(size)):
+    # the held-out source is a new domain, and no one training source should define a class.
+    "balanced": {"source_weight_power": 1.0},
 }
 
 

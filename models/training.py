@@ -96,6 +96,9 @@ class TrainConfig:
     calibration_fraction: float = 0.15
     reconstruction_share: float = 0.25
     reconstruction_side: int = 192
+    #: An image's draw weight within its class is (size of its source) ** -source_weight_power: 0.5 damps a
+    #: large source, 1.0 gives every source the same share, 0 draws every image alike.
+    source_weight_power: float = 0.5
     exclude_sources: tuple[str, ...] = ()
     exclude_paths: tuple[str, ...] = ()
     net: NetConfig = field(default_factory=NetConfig)
@@ -226,11 +229,15 @@ def _batch(
 
 
 def sampling_probabilities(
-    samples: Sequence[Sample], crop_size: int, reconstruction_share: float
+    samples: Sequence[Sample],
+    crop_size: int,
+    reconstruction_share: float,
+    source_weight_power: float = 0.5,
 ) -> NDArray[np.float64]:
     """Per-image probability of being drawn: half real, half generated (reconstructions take their share of
-    the generated half), and within each part an image's weight is 1/sqrt(size of its source), so one large
-    source (400 images from one website) does not decide what "generated" looks like.
+    the generated half), and within each part an image's weight is (size of its source) **
+    -source_weight_power; the default 1/sqrt keeps one large source (400 images from one website) from
+    deciding what "generated" looks like.
 
     Raises:
         ManifestError: a class has no image large enough for a crop.
@@ -257,7 +264,7 @@ def sampling_probabilities(
     counts: dict[str, int] = {}
     for sample in samples:
         counts[sample.source] = counts.get(sample.source, 0) + 1
-    base = np.array([1.0 / math.sqrt(counts[s.source]) for s in samples]) * usable
+    base = np.array([1.0 / counts[s.source] ** source_weight_power for s in samples]) * usable
     probabilities = np.zeros(len(samples))
     for name, mask in parts.items():
         part = base * mask
@@ -275,7 +282,9 @@ def train_net(
     """Train the CNN on `samples` for `config.steps` steps (or until `max_minutes`), cosine learning rate."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    probabilities = sampling_probabilities(samples, config.crop_size, config.reconstruction_share)
+    probabilities = sampling_probabilities(
+        samples, config.crop_size, config.reconstruction_share, config.source_weight_power
+    )
     device = torch.device(config.device)
     net = ResidualNet(config.net).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -186,6 +186,17 @@ def test_sampling_balances_classes_and_damps_large_sources():
     assert p[100] / p[0] == pytest.approx(10.0)
 
 
+def test_source_weight_power_one_gives_every_source_the_same_share():
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    samples = [Sample(img, 0, False, "real:big") for _ in range(100)] + [Sample(img, 0, False, "real:small")]
+    samples += [Sample(img, 1, True, "fake:x") for _ in range(30)] + [Sample(img, 1, True, "fake:y")]
+    p = sampling_probabilities(samples, 64, reconstruction_share=0.0, source_weight_power=1.0)
+    assert p[:100].sum() == pytest.approx(p[100])  # 100 images of one source weigh as much as one of another
+    assert p[101:131].sum() == pytest.approx(p[131]) == pytest.approx(0.25)
+    flat = sampling_probabilities(samples, 64, reconstruction_share=0.0, source_weight_power=0.0)
+    assert flat[0] == pytest.approx(flat[100]) == pytest.approx(0.5 / 101)
+
+
 def test_too_small_images_are_never_sampled():
     samples = [
         Sample(np.zeros((32, 200, 3), np.uint8), 0, False, "a"),
