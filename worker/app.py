@@ -20,10 +20,11 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
-from celery.signals import worker_process_init
+from celery import Celery, bootsteps
+from celery.signals import worker_init, worker_process_init
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -142,6 +143,55 @@ def runtime_for(app: Celery) -> WorkerRuntime:
         return _RUNTIMES[app]
     except KeyError:
         raise RuntimeError("this Celery app was not created by worker.app.create_celery_app") from None
+
+
+class TimerStep(bootsteps.StartStopStep):
+    """A worker bootstep whose periodic work runs from the worker's timer, in its main thread.
+
+    Not from a thread of its own: the prefork pool forks new children from the main thread at any time (at
+    start, after a child died, after ``worker_max_tasks_per_child``), and a child forked while another thread
+    holds a lock (the runtime's, the SQLAlchemy pool's, the producer pool's) inherits it locked and hangs
+    for ever. Measured here: with a reconciler thread, pool processes forked during its first pass hung in
+    ``worker_process_init``. Timer callbacks run in the event loop, which is also where forks happen, so the
+    work and a fork never overlap.
+
+    Subclasses schedule with :meth:`call_after` / :meth:`call_repeatedly`; stopping the worker cancels every
+    entry, on a cold shutdown too (Celery then calls ``terminate``, whose default does nothing for a step
+    without ``obj``, and the entries would outlive the worker).
+    """
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._entries: list[Any] = []
+
+    def call_after(self, parent: Any, seconds: float, fn: Callable[[], None]) -> None:
+        self._entries.append(parent.timer.call_after(seconds, fn))
+
+    def call_repeatedly(self, parent: Any, seconds: float, fn: Callable[[], None]) -> None:
+        self._entries.append(parent.timer.call_repeatedly(seconds, fn))
+
+    def stop(self, parent: Any) -> None:
+        for entry in self._entries:
+            entry.cancel()
+        self._entries = []
+
+    def terminate(self, parent: Any) -> None:
+        self.stop(parent)
+
+
+def install_on_synthguard_workers(step: type[TimerStep]) -> None:
+    """Add ``step`` to the workers of apps made by :func:`create_celery_app` (not to other apps' workers)."""
+
+    def add_step(sender: Any = None, **_: Any) -> None:
+        # worker_init fires before the worker builds its blueprint from app.steps, so the step joins it here.
+        app = getattr(sender, "app", None)
+        if app is not None and app in _RUNTIMES:
+            app.steps["worker"].add(step)
+
+    uid = f"synthguard-step-{step.__module__}.{step.__name__}"
+    worker_init.connect(add_step, weak=False, dispatch_uid=uid)
 
 
 def _share_cpu_threads(processes: int) -> None:

@@ -20,8 +20,8 @@ upserted by (sha256, model_id). A batch that legitimately runs longer than ``rec
 processed twice (wasted work, never a second verdict): keep ``reconcile_after_s`` above the slowest batch.
 
 How it runs: every synthguard worker runs it by itself, from the worker's own timer in its main process (a
-bootstep; see ReconcilerStep for why not a thread), every ``reconcile_after_s / 4`` seconds (1..60 s). It
-talks to the database directly, not through a task, so a long queue or a busy pool does not delay it; a
+bootstep; worker.app.TimerStep says why not a thread), every ``reconcile_after_s / 4`` seconds (1..60 s).
+It talks to the database directly, not through a task, so a long queue or a busy pool does not delay it; a
 broker outage only postpones the re-sends (the transaction rolls back, nothing is marked). The same pass is
 available as the task ``synthguard.reconcile`` (e.g. for celery beat) and as :func:`reconcile_once` for
 scripts.
@@ -43,15 +43,14 @@ import redis
 import redis.exceptions
 import sqlalchemy as sa
 import sqlalchemy.exc
-from celery import Celery, Task, bootsteps, shared_task
-from celery.signals import worker_init
+from celery import Celery, Task, shared_task
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.base import utcnow
 from db.session import session_scope
 from db.tables import Check
 from worker import pipeline
-from worker.app import runtime_for
+from worker.app import TimerStep, install_on_synthguard_workers, runtime_for
 from worker.settings import Settings
 from worker.tasks import PROCESS_CHECKS_TASK, enqueue_checks, enqueue_deliveries
 
@@ -226,24 +225,14 @@ def reconcile(self: Task[Any, Any]) -> dict[str, int]:
     return {"requeued": len(result.requeued), "dead_lettered": len(result.dead_lettered)}
 
 
-class ReconcilerStep(bootsteps.StartStopStep):
-    """Worker bootstep: runs :func:`reconcile_once` from the worker's timer, in the worker's main thread.
+class ReconcilerStep(TimerStep):
+    """Worker bootstep: runs :func:`reconcile_once` from the worker's timer (see :class:`TimerStep` for why).
 
-    Not from a thread of its own: the prefork pool forks new children from the main thread at any time (at
-    start, after a child died, after ``worker_max_tasks_per_child``), and a child forked while another thread
-    holds a lock (the runtime's, the SQLAlchemy pool's, the producer pool's) inherits it locked and hangs
-    for ever. Measured here: with a reconciler thread, pool processes forked during its first pass hung in
-    ``worker_process_init``. Timer callbacks run in the event loop, which is also where forks happen, so a
-    pass and a fork never overlap. A pass is short (one indexed query, a few messages); while the broker
-    is down the event loop is reconnecting and passes simply wait.
+    A pass is short (one indexed query, a few messages); while the broker is down the event loop is
+    reconnecting and passes simply wait.
     """
 
     label = "synthguard reconciler"
-    requires = ("celery.worker.components:Timer",)
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self._entries: list[Any] = []
 
     def start(self, parent: Any) -> None:
         app: Celery = parent.app
@@ -261,28 +250,8 @@ class ReconcilerStep(bootsteps.StartStopStep):
                 log.exception("reconciler pass failed; will retry")
 
         # The first pass soon after start: a worker restarted after a crash recovers its checks at once.
-        self._entries = [
-            parent.timer.call_after(1.0, run_pass),
-            parent.timer.call_repeatedly(interval, run_pass),
-        ]
-
-    def stop(self, parent: Any) -> None:
-        for entry in self._entries:
-            entry.cancel()
-        self._entries = []
-
-    # As for the webhook sweep: the default terminate does nothing for a step without ``obj``.
-    terminate = stop
+        self.call_after(parent, 1.0, run_pass)
+        self.call_repeatedly(parent, interval, run_pass)
 
 
-@worker_init.connect(weak=False, dispatch_uid="synthguard-reconciler-step")
-def _install_reconciler_step(sender: Any = None, **_: Any) -> None:
-    # worker_init fires before the worker builds its blueprint from app.steps (as for the webhook sweep).
-    app = getattr(sender, "app", None)
-    if app is None:
-        return
-    try:
-        runtime_for(app)
-    except RuntimeError:
-        return
-    app.steps["worker"].add(ReconcilerStep)
+install_on_synthguard_workers(ReconcilerStep)

@@ -24,12 +24,11 @@ from typing import Any, Final
 import httpx
 import kombu.exceptions
 import redis.exceptions
-from celery import Celery, Task, bootsteps, shared_task
-from celery.signals import worker_init
+from celery import Celery, Task, shared_task
 
 from db.base import utcnow
 from db.session import session_scope
-from worker.app import runtime_for
+from worker.app import TimerStep, install_on_synthguard_workers, runtime_for
 from worker.settings import Settings
 from worker.webhook_delivery import DELIVER_WEBHOOK_TASK, DeliveryConfig, deliver_once, due_delivery_ids
 from worker.webhooks import SecretCipher, make_webhook_client
@@ -118,19 +117,10 @@ def sweep_webhooks(self: Task[Any, Any], grace_s: float | None = None) -> int:
     return sent
 
 
-class WebhookSweepStep(bootsteps.StartStopStep):
-    """Worker bootstep: sends ``synthguard.sweep_webhooks`` every sweep interval from the worker's timer.
-
-    From the timer, not from a thread of its own, for the reason the reconciler gives (``worker.reconcile``):
-    a prefork child forked while another thread holds the producer pool's lock inherits it locked.
-    """
+class WebhookSweepStep(TimerStep):
+    """Worker bootstep: sends ``synthguard.sweep_webhooks`` every sweep interval from the worker's timer."""
 
     label = "webhook sweep"
-    requires = ("celery.worker.components:Timer",)
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self._entry: Any = None
 
     def start(self, parent: Any) -> None:
         app: Celery = parent.app
@@ -143,28 +133,11 @@ class WebhookSweepStep(bootsteps.StartStopStep):
             except Exception:  # the broker may be down; try again next interval
                 log.warning("could not send the webhook sweep task", exc_info=True)
 
-        self._entry = parent.timer.call_repeatedly(interval, send_sweep)
+        self.call_repeatedly(parent, interval, send_sweep)
 
     def stop(self, parent: Any) -> None:
-        if self._entry is not None:
-            self._entry.cancel()
-            self._entry = None
+        super().stop(parent)
         close_http_client(parent.app)
 
-    # A cold shutdown calls terminate, whose default does nothing for a step without ``obj``: the timer
-    # entry would outlive the worker and keep sending sweeps (seen in the tests, where the process goes on).
-    terminate = stop
 
-
-@worker_init.connect(weak=False, dispatch_uid="synthguard-webhook-sweep-step")
-def _install_sweep_step(sender: Any = None, **_: Any) -> None:
-    # worker_init fires before the worker builds its blueprint from app.steps, so the step joins it here;
-    # only for apps made by create_celery_app (they carry the settings with the sweep interval).
-    app = getattr(sender, "app", None)
-    if app is None:
-        return
-    try:
-        runtime_for(app)
-    except RuntimeError:
-        return
-    app.steps["worker"].add(WebhookSweepStep)
+install_on_synthguard_workers(WebhookSweepStep)
