@@ -54,6 +54,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "balanced": {"source_weight_power": 1.0},
     # 1.1.0's recipe with every image drawn alike within its class (no damping of large sources).
     "flat": {"source_weight_power": 0.0},
+    # 1.1.0's recipe with the 2x2 neighbouring-pixel residual (NPR) as a third view beside pixels, high-pass.
+    "npr": {"net": NetConfig(use_npr=1)},
 }
 
 

@@ -7,6 +7,11 @@ full-resolution convolution, a pixel-unshuffle by 4 turns every 4x4 cell into ch
 pattern
 whose phase is carried in channels, which small 3x3 convolutions can then compare cheaply on a CPU.
 
+Optionally (`NetConfig.use_npr`) it also sees a neighbouring-pixel-relationship residual: each pixel minus
+the top-left pixel of its 2x2 cell, the trace a nearest or transposed-convolution 2x upsampling leaves (NPR,
+Tan et al., "Rethinking the Up-Sampling Operations in CNN-based Generative Network for Generalizable Deepfake
+Detection", CVPR 2024, who report it transferring across GAN and diffusion generators).
+
 The head has three classes, `FAMILIES` = real, diffusion, gan; P(generated) is 1 - P(real).
 """
 
@@ -35,6 +40,8 @@ class NetConfig:
     blocks: int = 2
     #: 1: the network sees the pixels and the residual; 0: the residual only (less content, more trace).
     use_pixels: int = 1
+    #: 1: also the 2x2 neighbouring-pixel residual (`npr_residual`); 0 in the shipped 1.1.0 weights.
+    use_npr: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -48,6 +55,15 @@ def high_pass(x: torch.Tensor) -> torch.Tensor:
     """Pixel minus the mean of its 3x3 neighbourhood (reflect padding), per channel."""
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
     return x - F.avg_pool2d(padded, kernel_size=3, stride=1)
+
+
+def npr_residual(x: torch.Tensor) -> torch.Tensor:
+    """Each pixel minus the top-left pixel of its 2x2 cell (x minus a nearest 2x down- and upsampling of x).
+
+    Crops start on the 8-pixel lattice, so the 2x2 cells have the same phase as the image's own.
+    """
+    anchors = x[:, :, ::2, ::2]
+    return x - anchors.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
 
 
 class ResidualBlock(nn.Module):
@@ -74,7 +90,8 @@ class ResidualNet(nn.Module):
         super().__init__()
         self.config = config or NetConfig()
         cfg = self.config
-        self.stem = nn.Conv2d(6 if cfg.use_pixels else 3, cfg.stem_channels, 3, padding=1)
+        views = 1 + cfg.use_pixels + cfg.use_npr
+        self.stem = nn.Conv2d(3 * views, cfg.stem_channels, 3, padding=1)
         self.project = nn.Conv2d(cfg.stem_channels * cfg.unshuffle**2, cfg.width, 1)
         self.stage1 = nn.Sequential(*[ResidualBlock(cfg.width) for _ in range(cfg.blocks)])
         self.down = nn.Conv2d(cfg.width, 2 * cfg.width, 3, stride=2, padding=1, bias=False)
@@ -84,8 +101,12 @@ class ResidualNet(nn.Module):
         self.head = nn.Linear(4 * cfg.width, len(FAMILIES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = high_pass(x) * RESIDUAL_GAIN
-        features = torch.cat([x - 0.5, residual], dim=1) if self.config.use_pixels else residual
+        views = [high_pass(x) * RESIDUAL_GAIN]
+        if self.config.use_pixels:
+            views.insert(0, x - 0.5)
+        if self.config.use_npr:
+            views.append(npr_residual(x) * RESIDUAL_GAIN)
+        features = torch.cat(views, dim=1)
         h = F.relu(self.stem(features))
         h = F.pixel_unshuffle(h, self.config.unshuffle)
         h = F.relu(self.project(h))

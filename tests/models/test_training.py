@@ -14,6 +14,7 @@ from PIL import Image
 
 from models import DetectorError, detector_from_weights
 from models.data import ManifestError, read_manifest
+from models.nets import NetConfig
 from models.preprocess import CROP_ALIGN
 from models.taef2 import TinyAutoencoder
 from models.training import (
@@ -267,3 +268,13 @@ def test_taef2_loads_strictly_and_round_trips_a_photo():
 def test_taef2_refuses_sides_off_the_latent_grid():
     with pytest.raises(ValueError, match="multiples of 8"):
         TinyAutoencoder().reconstruct(torch.zeros(1, 3, 60, 64))
+
+
+def test_a_network_with_the_npr_view_trains_saves_and_loads(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data")
+    config = replace(TINY, net=NetConfig(use_npr=1))
+    weights = train(manifest, tmp_path / "out", config, cache_dir=tmp_path / "cache", log=lambda _: None)
+    detector = detector_from_weights(weights, device="cpu")
+    assert detector.net.config.use_npr == 1
+    (detection,) = detector.detect([Image.fromarray(_smooth_noise(np.random.default_rng(7), 128))])
+    assert 0.0 <= detection.score <= 1.0

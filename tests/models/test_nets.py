@@ -1,0 +1,56 @@
+"""The CNN's input views on images with a known answer, and every network shape a weights file can name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.nets import FAMILIES, NetConfig, ResidualNet, high_pass, npr_residual
+
+
+def _nearest_2x(small: torch.Tensor) -> torch.Tensor:
+    return small.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+def test_high_pass_is_zero_on_a_flat_image_and_not_on_noise():
+    generator = torch.Generator().manual_seed(0)
+    assert high_pass(torch.full((1, 3, 16, 16), 0.4)).abs().max() < 1e-6
+    assert high_pass(torch.rand(1, 3, 16, 16, generator=generator)).abs().mean() > 0.05
+
+
+def test_npr_residual_vanishes_on_a_nearest_2x_upsampling_and_not_on_noise():
+    generator = torch.Generator().manual_seed(0)
+    upsampled = _nearest_2x(torch.rand(2, 3, 8, 8, generator=generator))
+    assert npr_residual(upsampled).abs().max() == 0
+    noise = torch.rand(2, 3, 16, 16, generator=generator)
+    residual = npr_residual(noise)
+    # The anchor pixel of every 2x2 cell is zero by construction, the other three are not.
+    assert residual[:, :, ::2, ::2].abs().max() == 0
+    assert residual[:, :, 1::2, 1::2].abs().mean() > 0.1
+
+
+def test_npr_residual_sees_the_phase_of_the_upsampling():
+    """Shifted by one pixel, the 2x2 cells straddle the upsampled blocks and the residual appears."""
+    generator = torch.Generator().manual_seed(1)
+    upsampled = _nearest_2x(torch.rand(1, 3, 9, 9, generator=generator))
+    assert npr_residual(upsampled[:, :, 1:17, 1:17]).abs().mean() > 0.05
+
+
+@pytest.mark.parametrize(
+    "config", [NetConfig(), NetConfig(use_pixels=0), NetConfig(use_npr=1), NetConfig(use_pixels=0, use_npr=1)]
+)
+def test_every_view_combination_builds_and_scores_crops(config):
+    net = ResidualNet(config).eval()
+    views = 1 + config.use_pixels + config.use_npr
+    assert net.stem.in_channels == 3 * views
+    with torch.no_grad():
+        logits = net(torch.rand(4, 3, 64, 64))
+    assert logits.shape == (4, len(FAMILIES))
+    assert torch.isfinite(logits).all()
+
+
+def test_a_config_saved_before_the_npr_view_existed_rebuilds_without_it():
+    saved_by_1_1_0 = {"stem_channels": 16, "width": 48, "unshuffle": 4, "blocks": 2, "use_pixels": 1}
+    config = NetConfig.from_dict(saved_by_1_1_0)
+    assert config.use_npr == 0
+    assert NetConfig.from_dict(config.to_dict()) == config
