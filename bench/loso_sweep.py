@@ -9,7 +9,8 @@ folds run side by side; on the 2-core CPU the same command works, slowly.
         --taef2-dir ../shared/weights/taef2 --device cuda --jobs 14 --recipes shipped,crops32
 
 Writes `OUT/<recipe>/<fold>/eval.json` and, after every finished fold, `OUT/sweep.json` (mean ROC AUC per
-recipe and condition, and per fold the AUC and the held-out recall or false-positive rate).
+recipe and condition, and per fold the AUC and the held-out recall or false-positive rate), covering every
+recipe and fold found under OUT, earlier runs' included.
 """
 
 from __future__ import annotations
@@ -96,16 +97,18 @@ def run_fold(
     return {"recipe": recipe, "source": source, "minutes": (time.monotonic() - started) / 60, **summary}
 
 
-def merged_summary(out_dir: Path, recipes: list[str], sources: list[str]) -> dict[str, Any]:
+def merged_summary(out_dir: Path) -> dict[str, Any]:
+    """Every recipe's finished folds under `out_dir`, this run's and earlier runs' alike, so that a run of one
+    recipe does not drop the others from `sweep.json`. Each mean states how many folds it covers."""
     result: dict[str, Any] = {}
-    for recipe in recipes:
+    for recipe_dir in sorted(path for path in out_dir.iterdir() if path.is_dir()):
         folds = {}
-        for source in sources:
-            path = out_dir / recipe / fold_dir_name(source) / "eval.json"
-            if path.is_file():
-                folds[source] = json.loads(path.read_text())
+        for eval_path in sorted(recipe_dir.glob("*/eval.json")):
+            report = json.loads(eval_path.read_text())
+            (source,) = report["holdout_sources"]
+            folds[source] = report
         if folds:
-            result[recipe] = summarise_folds(folds)
+            result[recipe_dir.name] = summarise_folds(folds)
     return result
 
 
@@ -176,7 +179,7 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - one broken fold must not hide the others
                     print(f"{recipe} {source} FAILED: {exc!r}", flush=True)
                 summary = {
-                    "recipes": merged_summary(args.out, recipes, sources),
+                    "recipes": merged_summary(args.out),
                     "fold_minutes": timings,
                     "elapsed_minutes": round((time.monotonic() - started) / 60, 2),
                     "device": args.device,
@@ -184,7 +187,9 @@ def main() -> None:
                 for path in [args.out / "sweep.json", args.summary]:
                     if path is not None:
                         path.write_text(json.dumps(summary, indent=2) + "\n")
-    for recipe, summary in merged_summary(args.out, recipes, sources).items():
+    for recipe, summary in merged_summary(args.out).items():
+        if recipe not in recipes:
+            continue
         means = {c: round(v["roc_auc"], 3) for c, v in summary["mean"].items()}
         print(f"{recipe:>10} mean ROC AUC {means}")
 
