@@ -101,9 +101,8 @@ class ResidualNet(nn.Module):
         self.head = nn.Linear(4 * cfg.width, len(FAMILIES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        views = [high_pass(x) * RESIDUAL_GAIN]
-        if self.config.use_pixels:
-            views.insert(0, x - 0.5)
+        views = [x - 0.5] if self.config.use_pixels else []
+        views.append(high_pass(x) * RESIDUAL_GAIN)
         if self.config.use_npr:
             views.append(npr_residual(x) * RESIDUAL_GAIN)
         features = torch.cat(views, dim=1)
