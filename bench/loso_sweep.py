@@ -60,6 +60,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 1.1.0's recipe with another seed: it changes the training draws and which seeded 25% of the other class
     # each fold is tested against, so two seeds of one recipe show how far a fold moves from chance alone.
     "shipped_seed1": {"seed": 1},
+    # `flat` with seed 1: with `flat` and `shipped_seed1`, two seeds of each recipe on the same folds.
+    "flat_seed1": {"source_weight_power": 0.0, "seed": 1},
 }
 
 
