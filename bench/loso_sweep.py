@@ -107,8 +107,9 @@ def merged_summary(out_dir: Path) -> dict[str, Any]:
         folds = {}
         for eval_path in sorted(recipe_dir.glob("*/eval.json")):
             report = json.loads(eval_path.read_text())
-            (source,) = report["holdout_sources"]
-            folds[source] = report
+            # A fold of this sweep holds out exactly one source; anything else under OUT is not one of them.
+            if len(report.get("holdout_sources", [])) == 1:
+                folds[report["holdout_sources"][0]] = report
         if folds:
             result[recipe_dir.name] = summarise_folds(folds)
     return result
