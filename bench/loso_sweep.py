@@ -33,34 +33,44 @@ from models.evaluation import leave_one_source_out, summarise_folds
 from models.nets import NetConfig
 from models.training import TrainConfig, pixel_cache_path, reconstructions
 
+#: How synthguard-v1 1.1.0 drew images within a class; the recipes measured against 1.1.0 keep it.
+V1_1_DRAWS: dict[str, Any] = {"source_weight_power": 0.5}
+
 #: Recipe name -> changes to the shipped `TrainConfig`. `shipped` is the recipe of the committed weights.
 RECIPES: dict[str, dict[str, Any]] = {
+    # The shipped recipe (`TrainConfig()`'s defaults): synthguard-v1 1.2.0's since 2026-12-07. The tables of
+    # MODEL_CARD.md measured before then under the names `shipped` and `shipped_seed1` are 1.1.0's recipe,
+    # now `sqrt` and `sqrt_seed1`.
     "shipped": {},
+    # synthguard-v1 1.1.0's recipe: within a class an image is drawn with weight 1/sqrt(size of its source).
+    "sqrt": V1_1_DRAWS,
+    "sqrt_seed1": {**V1_1_DRAWS, "seed": 1},
     # The recipe of synthguard-v1 1.0.0: evidence fused into the score, "generated" at the bare 99th
     # percentile of the calibration reals.
-    "fused_q99": {"evidence_in_score": True, "generated_margin": 0.0},
+    "fused_q99": {**V1_1_DRAWS, "evidence_in_score": True, "generated_margin": 0.0},
     # Same training, 32 crops per image read at detection time instead of 8 (the fusion is refitted).
-    "crops32": {"max_crops": 32},
+    "crops32": {**V1_1_DRAWS, "max_crops": 32},
     # Residual-only input: the network cannot see the raw pixels, so less of the content.
-    "residual32": {"max_crops": 32, "net": NetConfig(use_pixels=0)},
+    "residual32": {**V1_1_DRAWS, "max_crops": 32, "net": NetConfig(use_pixels=0)},
     # Three times the optimiser steps of the 1.0.0 recipe (28-32 minutes per fold on the 2-core CPU).
-    "steps3x": {"steps": 10500, "evidence_in_score": True, "generated_margin": 0.0},
+    "steps3x": {**V1_1_DRAWS, "steps": 10500, "evidence_in_score": True, "generated_margin": 0.0},
     # synthguard-v1 1.1.0's recipe (CNN alone in the score, margin 1.0) with three times the optimiser steps.
     # The time cap is lifted so that folds sharing the cores still finish their steps.
-    "shipped3x": {"steps": 10500, "max_minutes": 120.0},
+    "shipped3x": {**V1_1_DRAWS, "steps": 10500, "max_minutes": 120.0},
     # Half of the generated side are taef2 reconstructions of real photos (same content, decoder trace).
-    "recon50": {"max_crops": 32, "reconstruction_share": 0.5},
+    "recon50": {**V1_1_DRAWS, "max_crops": 32, "reconstruction_share": 0.5},
     # 1.1.0's recipe with every source drawn equally often within its class (weight 1/size, not 1/sqrt(size)).
     # Measured: much worse (the 3-5 image sources then make up a third of the real draws).
     "balanced": {"source_weight_power": 1.0},
-    # 1.1.0's recipe with every image drawn alike within its class (no damping of large sources).
+    # 1.1.0's recipe with every image drawn alike within its class (no damping of large sources): what
+    # `shipped` is since 1.2.0. Kept under the name the model card's tables use.
     "flat": {"source_weight_power": 0.0},
     # 1.1.0's recipe with the 2x2 neighbouring-pixel residual (NPR) as a third view beside pixels, high-pass.
-    "npr": {"net": NetConfig(use_npr=1)},
-    # 1.1.0's recipe with another seed: it changes the training draws and which seeded 25% of the other class
-    # each fold is tested against, so two seeds of one recipe show how far a fold moves from chance alone.
+    "npr": {**V1_1_DRAWS, "net": NetConfig(use_npr=1)},
+    # The shipped recipe with another seed: it changes the training draws and which seeded 25% of the other
+    # class each fold is tested against, so two seeds of one recipe show how far a fold moves by chance.
     "shipped_seed1": {"seed": 1},
-    # `flat` with seed 1: with `flat` and `shipped_seed1`, two seeds of each recipe on the same folds.
+    # `flat` with seed 1 (the same as `shipped_seed1` since 1.2.0).
     "flat_seed1": {"source_weight_power": 0.0, "seed": 1},
 }
 

@@ -62,17 +62,17 @@ class DetectorCfg:
 
 SYNTHGUARD_V1 = DetectorCfg(
     name="synthguard-v1",
-    version="1.1.0",
+    version="1.2.0",
     weights_file="synthguard-v1.pt",
-    weights_sha256="3579e398476e1f1f2d76fbd88562bfe3934c575e7d42c97d3bb2530cad513b2a",
+    weights_sha256="57903f09c39c4ade650df4a175f3bbf7ee89fbba40eb2b5c6ecfd4111cc3e273",
     crop_size=64,
     max_crops=8,
-    threshold_generated=0.970182,
-    threshold_uncertain=0.774002,
+    threshold_generated=0.944725,
+    threshold_uncertain=0.770357,
     # The hand-made evidence is computed and shown, but no longer enters the score (MODEL_CARD.md says why).
     feature_names=(),
     training_summary=(
         "residual CNN on 8 native 64 px crops, Platt-calibrated; 3500 steps on datasets/dev + taef2 "
-        "reconstructions, seed 0; see models/MODEL_CARD.md"
+        "reconstructions, every image drawn alike within its class, seed 0; see models/MODEL_CARD.md"
     ),
 )

@@ -40,7 +40,7 @@ class NetConfig:
     blocks: int = 2
     #: 1: the network sees the pixels and the residual; 0: the residual only (less content, more trace).
     use_pixels: int = 1
-    #: 1: also the 2x2 neighbouring-pixel residual (`npr_residual`); 0 in the shipped 1.1.0 weights.
+    #: 1: also the 2x2 neighbouring-pixel residual (`npr_residual`); 0 in the shipped weights.
     use_npr: int = 0
 
     def to_dict(self) -> dict[str, int]:

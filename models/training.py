@@ -96,9 +96,10 @@ class TrainConfig:
     calibration_fraction: float = 0.15
     reconstruction_share: float = 0.25
     reconstruction_side: int = 192
-    #: An image's draw weight within its class is (size of its source) ** -source_weight_power: 0.5 damps a
-    #: large source, 1.0 gives every source the same share, 0 draws every image alike.
-    source_weight_power: float = 0.5
+    #: An image's draw weight within its class is (size of its source) ** -source_weight_power: 0 draws every
+    #: image alike (since 1.2.0), 0.5 damps a large source (1.1.0), 1.0 gives every source the same share.
+    #: Chosen over 0.5 by leaving each of eight sources out, over two seeds (MODEL_CARD.md).
+    source_weight_power: float = 0.0
     exclude_sources: tuple[str, ...] = ()
     exclude_paths: tuple[str, ...] = ()
     net: NetConfig = field(default_factory=NetConfig)
@@ -232,12 +233,12 @@ def sampling_probabilities(
     samples: Sequence[Sample],
     crop_size: int,
     reconstruction_share: float,
-    source_weight_power: float = 0.5,
+    *,
+    source_weight_power: float,
 ) -> NDArray[np.float64]:
     """Per-image probability of being drawn: half real, half generated (reconstructions take their share of
     the generated half), and within each part an image's weight is (size of its source) **
-    -source_weight_power; the default 1/sqrt keeps one large source (400 images from one website) from
-    deciding what "generated" looks like.
+    -source_weight_power (0: every image alike; 0.5: 1/sqrt damps one large source; 1: every source alike).
 
     Raises:
         ManifestError: a class has no image large enough for a crop.
@@ -283,7 +284,7 @@ def train_net(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     probabilities = sampling_probabilities(
-        samples, config.crop_size, config.reconstruction_share, config.source_weight_power
+        samples, config.crop_size, config.reconstruction_share, source_weight_power=config.source_weight_power
     )
     device = torch.device(config.device)
     net = ResidualNet(config.net).to(device)

@@ -178,7 +178,7 @@ def test_sampling_balances_classes_and_damps_large_sources():
     samples = [Sample(img, 0, False, "real:big") for _ in range(100)] + [Sample(img, 0, False, "real:small")]
     samples += [Sample(img, 1, True, "fake:x") for _ in range(4)]
     samples += [Sample(img, 1, True, "taef2", is_reconstruction=True) for _ in range(10)]
-    p = sampling_probabilities(samples, 64, reconstruction_share=0.25)
+    p = sampling_probabilities(samples, 64, reconstruction_share=0.25, source_weight_power=0.5)
     assert p.sum() == pytest.approx(1.0)
     assert p[:101].sum() == pytest.approx(0.5)
     assert p[101:105].sum() == pytest.approx(0.375)
@@ -204,7 +204,7 @@ def test_too_small_images_are_never_sampled():
         Sample(np.zeros((64, 64, 3), np.uint8), 0, False, "a"),
     ]
     samples.append(Sample(np.zeros((64, 64, 3), np.uint8), 1, True, "b"))
-    p = sampling_probabilities(samples, 64, reconstruction_share=0.0)
+    p = sampling_probabilities(samples, 64, reconstruction_share=0.0, source_weight_power=0.0)
     assert p[0] == 0.0
 
 
