@@ -287,3 +287,51 @@ def test_dev_images_are_analysed(shared_datasets: Path) -> None:
         with Image.open(manifest.parent / row["relpath"]) as image:
             features = evidence_features(pixel_evidence(to_rgb_array(image)))
         assert np.isfinite(features).all()
+
+
+# --- recorded values: a faster implementation must measure the same thing
+# ------------------------------------------------------------------------
+
+REFERENCE_PATH = Path(__file__).with_name("data") / "evidence_reference.json"
+
+
+def _reference_images() -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """Images of every kind the metrics react to, at sizes that leave partial blocks, with lattice offsets."""
+    scene = _scene(512, seed=5)
+    return {
+        "scene_512": (scene, (0, 0)),
+        "scene_jpeg75_600x520": (_jpeg(_scene(600, seed=6)[:520], 75), (0, 0)),
+        "decoder_like_512": (_decoder_like(512, seed=7), (0, 0)),
+        "nearest_8x_256": (_decoder_like(256, seed=8, smooth=False), (0, 0)),
+        "bayer_demosaicked_328x200": (_bayer_demosaicked(scene[:328, :200]), (0, 0)),
+        "noise_96x160": (_noise(160, seed=9)[:96], (0, 0)),
+        "small_64": (_scene(64, seed=10), (0, 0)),
+        "odd_257x131_offset": (_jpeg(_scene(300, seed=11)[:257, :131], 90), (3, 5)),
+        "constant_128": (np.full((128, 128, 3), 0.5, dtype=np.float32), (0, 0)),
+    }
+
+
+def _reference_values() -> dict[str, dict[str, float]]:
+    values = {}
+    for name, (rgb, offset) in _reference_images().items():
+        features = evidence_features(pixel_evidence(rgb, offset))
+        values[name] = {feature: float(v) for feature, v in zip(FEATURE_NAMES, features, strict=True)}
+    return values
+
+
+def test_metric_values_match_the_recorded_reference() -> None:
+    """The camera ranges were calibrated with these definitions: a rewrite for speed (or a library upgrade)
+    must give the same numbers, up to float rounding and the metrics' 4 significant digits."""
+    recorded = json.loads(REFERENCE_PATH.read_text(encoding="utf-8"))
+    measured = _reference_values()
+    assert set(measured) == set(recorded)
+    for image, features in measured.items():
+        for feature, value in features.items():
+            expected = recorded[image][feature]
+            assert value == pytest.approx(expected, rel=2e-3, abs=1e-5), (image, feature)
+
+
+if __name__ == "__main__":
+    # Re-record only when a metric's definition changes on purpose (bump EVIDENCE_VERSION and the ranges).
+    reference = json.dumps(_reference_values(), indent=1, sort_keys=True)
+    REFERENCE_PATH.write_text(reference + "\n", encoding="utf-8")
