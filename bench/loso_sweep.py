@@ -72,6 +72,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "shipped_seed1": {"seed": 1},
     # `flat` with seed 1 (the same as `shipped_seed1` since 1.2.0).
     "flat_seed1": {"source_weight_power": 0.0, "seed": 1},
+    # The shipped recipe on the same splits as `shipped` with another initialisation and other training
+    # draws: the second member of a two-model average (bench/loso_ensemble.py).
+    "shipped_init1": {"init_seed": 1},
 }
 
 

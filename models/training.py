@@ -87,7 +87,11 @@ class TrainConfig:
 
     steps: int = 3500
     max_minutes: float = 55.0
+    #: Seeds the calibration split (and, in leave-one-source-out, which images are held back for testing).
     seed: int = 0
+    #: Seeds the network's initial weights and the training draws; None uses `seed`. Two runs that differ
+    #: only here see the same data splits, so their models can be compared or averaged image by image.
+    init_seed: int | None = None
     batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
@@ -281,8 +285,9 @@ def train_net(
     log: Log,
 ) -> ResidualNet:
     """Train the CNN on `samples` for `config.steps` steps (or until `max_minutes`), cosine learning rate."""
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    init_seed = config.seed if config.init_seed is None else config.init_seed
+    torch.manual_seed(init_seed)
+    rng = np.random.default_rng(init_seed)
     probabilities = sampling_probabilities(
         samples, config.crop_size, config.reconstruction_share, source_weight_power=config.source_weight_power
     )
