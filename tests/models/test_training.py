@@ -110,6 +110,23 @@ def test_training_is_reproducible_with_a_seed(tmp_path):
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+def test_init_seed_alone_changes_the_trained_network(tmp_path):
+    """`init_seed` None means `seed`; another value gives other weights (the splits stay on `seed`)."""
+    manifest = write_tiny_manifest(tmp_path / "data")
+
+    def state(name: str, config: TrainConfig) -> dict[str, torch.Tensor]:
+        path = train(manifest, tmp_path / name, config, cache_dir=tmp_path / "cache", log=lambda _: None)
+        return torch.load(path, weights_only=True)["state_dict"]
+
+    default, same, other = (
+        state("a", TINY),
+        state("b", replace(TINY, init_seed=0)),
+        state("c", replace(TINY, init_seed=1)),
+    )
+    assert all(torch.equal(default[k], same[k]) for k in default)
+    assert not all(torch.equal(default[k], other[k]) for k in default)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU training path)")
 def test_training_on_cuda_writes_weights_that_load_on_the_cpu(tmp_path):
     manifest = write_tiny_manifest(tmp_path / "data")
