@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.data import build_pixel_cache, largest_sources, read_manifest
 from models.evaluation import leave_one_source_out, summarise_folds
 from models.nets import NetConfig
-from models.training import TrainConfig, pixel_cache_path, reconstructions
+from models.training import Augmentation, TrainConfig, pixel_cache_path, reconstructions
 
 #: How synthguard-v1 1.1.0 drew images within a class; the recipes measured against 1.1.0 keep it.
 V1_1_DRAWS: dict[str, Any] = {"source_weight_power": 0.5}
@@ -78,6 +78,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The shipped recipe reading 128 px crops instead of 64 (four times the context per crop, 8x8 cells of the
     # decoder grid instead of 4x4); 16 crops per batch keep the pixels per optimiser step, and so the time.
     "crop128": {"crop_size": 128, "batch_size": 16},
+    # The shipped recipe with a Gaussian blur (sigma 0.2-1.5 px) on 30% of the training crops of both classes,
+    # before the JPEG steps (blur + JPEG augmentation, Wang et al., CVPR 2020, who report it helping a
+    # detector transfer to unseen generators).
+    "blur": {"augmentation": Augmentation(blur_p=0.3)},
 }
 
 

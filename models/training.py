@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 from numpy.typing import NDArray
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from models._scoring import Fusion, cnn_outputs, crop_tensor, fit_fusion, resolve_device
 from models.data import (
@@ -78,6 +78,11 @@ class Augmentation:
     final_jpeg_p: float = 0.65
     final_quality: tuple[int, int] = (60, 100)
     off_lattice_p: float = 0.15
+    #: Gaussian blur of the crop (sigma drawn from `blur_sigma`, before any JPEG step), both classes alike:
+    #: web copies are often softened by resampling, which a model should not read as "real" or "generated".
+    #: 0 in the shipped recipe; when 0, no random number is drawn for it, so older recipes repeat exactly.
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.2, 1.5)
     flip_p: float = 0.5
 
 
@@ -151,6 +156,9 @@ def augmented_crop(
     crop = np.ascontiguousarray(pixels[top : top + size, left : left + size])
     if rng.random() < aug.flip_p:
         crop = np.ascontiguousarray(crop[:, ::-1])
+    if aug.blur_p > 0 and rng.random() < aug.blur_p:
+        radius = float(rng.uniform(*aug.blur_sigma))  # Pillow's GaussianBlur radius is the sigma
+        crop = np.asarray(Image.fromarray(crop).filter(ImageFilter.GaussianBlur(radius)))
     if sample.lossless and rng.random() < aug.lossless_history_p:
         crop = _jpeg(crop, int(rng.integers(aug.history_quality[0], aug.history_quality[1] + 1)))
     if rng.random() < aug.final_jpeg_p:

@@ -166,13 +166,35 @@ def test_excluding_a_whole_class_is_refused(tmp_path):
 
 def test_augmentation_never_depends_on_the_class():
     pixels = _camera_like(np.random.default_rng(0), 128)
-    aug = Augmentation(lossless_history_p=0.5, final_jpeg_p=0.5, off_lattice_p=0.0)
+    aug = Augmentation(lossless_history_p=0.5, final_jpeg_p=0.5, off_lattice_p=0.0, blur_p=0.5)
     for seed in range(20):
         real_sample = Sample(pixels, family=0, lossless=True, source="a")
         fake_sample = Sample(pixels, family=1, lossless=True, source="b")
         real = augmented_crop(real_sample, 64, aug, np.random.default_rng(seed))
         fake = augmented_crop(fake_sample, 64, aug, np.random.default_rng(seed))
         assert np.array_equal(real, fake)
+
+
+def test_blur_softens_crops_and_is_not_drawn_when_off():
+    pixels = _camera_like(np.random.default_rng(0), 128)
+    sample = Sample(pixels, family=0, lossless=False, source="a")
+    plain = Augmentation(final_jpeg_p=0.0, flip_p=0.0)
+    blurred = Augmentation(final_jpeg_p=0.0, flip_p=0.0, blur_p=1.0, blur_sigma=(1.0, 1.5))
+
+    def roughness(crop: np.ndarray) -> float:
+        return float(np.abs(np.diff(crop.astype(float), axis=1)).mean())
+
+    for seed in range(5):
+        sharp = augmented_crop(sample, 64, plain, np.random.default_rng(seed))
+        soft = augmented_crop(sample, 64, blurred, np.random.default_rng(seed))
+        assert roughness(soft) < 0.5 * roughness(sharp)
+    # With blur off no random number is drawn for it (a tiny blur_p draws one and so moves the stream), so
+    # the recipes measured before blur existed still repeat exactly.
+    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
+    assert np.array_equal(
+        augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, replace(plain, blur_p=1e-12), tiny)
+    )
+    assert off.random() != tiny.random()
 
 
 def test_crops_stay_on_the_jpeg_lattice_unless_told_otherwise():
