@@ -42,6 +42,10 @@ class NetConfig:
     use_pixels: int = 1
     #: 1: also the 2x2 neighbouring-pixel residual (`npr_residual`); 0 in the shipped weights.
     use_npr: int = 0
+    #: 1: the pixel view is standardised per crop and channel (`standardised`), so a crop's brightness and
+    #: colour balance, which say more about its subject than its maker, cannot reach the network; 0 in the
+    #: shipped weights.
+    standardise_pixels: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -64,6 +68,17 @@ def npr_residual(x: torch.Tensor) -> torch.Tensor:
     """
     anchors = x[:, :, ::2, ::2]
     return x - anchors.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+#: Standardised pixels are scaled to the spread of centred pixels of typical photos (about 0.25).
+STANDARDISED_GAIN = 0.25
+
+
+def standardised(x: torch.Tensor) -> torch.Tensor:
+    """Each crop's channels shifted to mean 0 and scaled to a common spread (flat crops are not amplified)."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    spread = x.std(dim=(2, 3), keepdim=True).clamp_min(1.0 / 64)
+    return (x - mean) / spread * STANDARDISED_GAIN
 
 
 class ResidualBlock(nn.Module):
@@ -101,7 +116,9 @@ class ResidualNet(nn.Module):
         self.head = nn.Linear(4 * cfg.width, len(FAMILIES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        views = [x - 0.5] if self.config.use_pixels else []
+        views = []
+        if self.config.use_pixels:
+            views.append(standardised(x) if self.config.standardise_pixels else x - 0.5)
         views.append(high_pass(x) * RESIDUAL_GAIN)
         if self.config.use_npr:
             views.append(npr_residual(x) * RESIDUAL_GAIN)

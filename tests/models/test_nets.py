@@ -37,7 +37,14 @@ def test_npr_residual_sees_the_phase_of_the_upsampling():
 
 
 @pytest.mark.parametrize(
-    "config", [NetConfig(), NetConfig(use_pixels=0), NetConfig(use_npr=1), NetConfig(use_pixels=0, use_npr=1)]
+    "config",
+    [
+        NetConfig(),
+        NetConfig(use_pixels=0),
+        NetConfig(use_npr=1),
+        NetConfig(use_pixels=0, use_npr=1),
+        NetConfig(standardise_pixels=1),
+    ],
 )
 def test_every_view_combination_builds_and_scores_crops(config):
     net = ResidualNet(config).eval()
@@ -54,3 +61,16 @@ def test_a_config_saved_before_the_npr_view_existed_rebuilds_without_it():
     config = NetConfig.from_dict(saved_by_1_1_0)
     assert config.use_npr == 0
     assert NetConfig.from_dict(config.to_dict()) == config
+
+
+def test_standardised_pixels_hide_brightness_and_colour_balance():
+    """A crop made brighter or tinted (no clipping) scores the same: every view is blind to such shifts."""
+    torch.manual_seed(0)
+    net = ResidualNet(NetConfig(standardise_pixels=1)).eval()
+    crops = 0.2 + 0.5 * torch.rand(3, 3, 64, 64)
+    tint = torch.tensor([0.1, -0.05, 0.2]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(net(crops), net(crops + tint), atol=1e-4)
+        # The plain pixel view does see it.
+        plain = ResidualNet(NetConfig()).eval()
+        assert not torch.allclose(plain(crops), plain(crops + tint), atol=1e-4)
