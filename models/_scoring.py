@@ -6,6 +6,7 @@ the detector runs.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,10 +77,26 @@ def cnn_outputs(
 ) -> list[CnnOutput]:
     """Run all crops of all images through `net` in batches, then aggregate per image.
 
-    The crops of many images share batches, which is what makes the GPU path fast.
+    The crops of many images share batches, which is what makes the GPU path fast. An image smaller than the
+    crop size has smaller crops (it is never scaled up), so crops are batched with crops of their own side.
     """
-    if not per_image_crops:
-        return []
+    by_side: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, crops in enumerate(per_image_crops):
+        by_side[tuple(crops.shape[-2:])].append(index)
+    outputs: dict[int, CnnOutput] = {}
+    for indices in by_side.values():
+        group = _same_side_outputs(net, [per_image_crops[i] for i in indices], device, batch_size, half)
+        outputs.update(zip(indices, group, strict=True))
+    return [outputs[index] for index in range(len(per_image_crops))]
+
+
+def _same_side_outputs(
+    net: ResidualNet,
+    per_image_crops: Sequence[torch.Tensor],
+    device: torch.device,
+    batch_size: int,
+    half: bool,
+) -> list[CnnOutput]:
     counts = [int(c.shape[0]) for c in per_image_crops]
     everything = torch.cat(list(per_image_crops), dim=0)
     logits: list[torch.Tensor] = []

@@ -110,6 +110,22 @@ def test_training_is_reproducible_with_a_seed(tmp_path):
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+def test_weights_with_larger_crops_score_a_batch_that_mixes_in_a_smaller_image(tmp_path):
+    """An image smaller than the crop size is read at its own size (never scaled up), in the same batch."""
+    manifest = write_tiny_manifest(tmp_path / "data")
+    config = replace(TINY, crop_size=80)
+    weights = train(manifest, tmp_path / "out", config, cache_dir=tmp_path / "cache", log=lambda _: None)
+    detector = detector_from_weights(weights, device="cpu")
+    rng = np.random.default_rng(3)
+    large, small = (Image.fromarray(_camera_like(rng, side)) for side in (128, 72))
+    together = detector.detect([large, small])
+    alone = [detector.detect([image])[0] for image in (large, small)]
+    assert [d.decided_by for d in together] == ["pixels", "pixels"]
+    assert [d.evidence["learned"]["crops"] for d in together] == [4, 1]
+    for mixed, single in zip(together, alone, strict=True):
+        assert mixed.score == pytest.approx(single.score, abs=1e-6)
+
+
 def test_init_seed_alone_changes_the_trained_network(tmp_path):
     """`init_seed` None means `seed`; another value gives other weights (the splits stay on `seed`)."""
     manifest = write_tiny_manifest(tmp_path / "data")
