@@ -6,7 +6,7 @@
 Reads the folds that `bench/loso_sweep.py --out OUT` trained for every member recipe (OUT/<recipe>/<fold>/
 weights.pt). The members must share their data splits (same `TrainConfig.seed`, differing e.g. in
 `init_seed`), so each fold is scored on one set of test images: the held-out source and the fold's unseen
-share of the other class, rebuilt with `counterpart_split` exactly as the fold was. Per image and condition,
+share of the other class, rebuilt with `fold_test_rows` exactly as the fold was. Per image and condition,
 the average model's log-odds are the mean of the members' CNN log-odds (a Platt scaling of the average would
 rank the images the same way). Prints a table and writes OUT/ensemble.json.
 """
@@ -22,24 +22,19 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from models.data import CONDITIONS, Condition, apply_condition, load_rgb, read_manifest
+from models.data import CONDITIONS, Condition, load_rgb, read_manifest
 from models.detector import Detector, detector_from_weights
-from models.evaluation import counterpart_split, roc_auc
-
-#: The fraction `leave_one_source_out` holds back from the other class by default.
-COUNTERPART_FRACTION = 0.25
+from models.evaluation import detections_under, fold_test_rows, roc_auc
 
 
 def member_logits(detector: Detector, pixels: list[NDArray[np.float32]], condition: Condition) -> np.ndarray:
     """The detector's CNN log-odds for every image under `condition`, in order."""
     logits = np.empty(len(pixels))
-    for start in range(0, len(pixels), 16):
-        images = [apply_condition(p, condition) for p in pixels[start : start + 16]]
-        for offset, detection in enumerate(detector.detect(images)):
-            learned = detection.evidence.get("learned", {})
-            if "cnn_logit" not in learned:
-                raise RuntimeError(f"image {start + offset} was not scored: {detection.reasons}")
-            logits[start + offset] = learned["cnn_logit"]
+    for index, detection in enumerate(detections_under(detector, pixels, condition)):
+        learned = detection.evidence.get("learned", {})
+        if "cnn_logit" not in learned:
+            raise RuntimeError(f"image {index} was not scored: {detection.reasons}")
+        logits[index] = learned["cnn_logit"]
     return logits
 
 
@@ -69,8 +64,7 @@ def main() -> None:
         seeds = {d.training_info["config"]["seed"] for d in detectors}
         if len(seeds) != 1:
             raise SystemExit(f"{fold_dir}: members were trained on different splits (seeds {sorted(seeds)})")
-        counterpart = counterpart_split(rows, source, COUNTERPART_FRACTION, seeds.pop())
-        test_rows = [r for r in rows if r.source == source] + [rows[i] for i in counterpart]
+        test_rows, _ = fold_test_rows(rows, source, seeds.pop())
         labels = np.array([r.is_fake for r in test_rows])
         pixels = [load_rgb(r.path) for r in test_rows]
         per_condition: dict[str, Any] = {}
@@ -97,20 +91,14 @@ def main() -> None:
     weights = np.array([fold["n"] for fold in folds.values()], dtype=float)
     summary: dict[str, Any] = {"members": members, "folds": folds, "weighted_mean": {}}
     for condition in CONDITIONS:
-        single = np.array([f["conditions"][condition]["mean_of_members"] for f in folds.values()])
-        averaged = np.array([f["conditions"][condition]["average_model"] for f in folds.values()])
-        summary["weighted_mean"][condition] = {
-            "mean_of_members": float(np.average(single, weights=weights)),
-            "average_model": float(np.average(averaged, weights=weights)),
-        }
-        gain = (
-            summary["weighted_mean"][condition]["average_model"]
-            - summary["weighted_mean"][condition]["mean_of_members"]
+        single, averaged = (
+            float(np.average([f["conditions"][condition][key] for f in folds.values()], weights=weights))
+            for key in ("mean_of_members", "average_model")
         )
+        summary["weighted_mean"][condition] = {"mean_of_members": single, "average_model": averaged}
         print(
-            f"fold-size-weighted mean over {len(folds)} folds, {condition}: members "
-            f"{summary['weighted_mean'][condition]['mean_of_members']:.3f}, average model "
-            f"{summary['weighted_mean'][condition]['average_model']:.3f} ({gain:+.3f})"
+            f"fold-size-weighted mean over {len(folds)} folds, {condition}: members {single:.3f}, "
+            f"average model {averaged:.3f} ({averaged - single:+.3f})"
         )
     (args.out / "ensemble.json").write_text(json.dumps(summary, indent=2) + "\n")
 

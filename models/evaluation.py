@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,18 @@ def counterpart_split(rows: Sequence[ManifestRow], held_source: str, fraction: f
     return sorted(chosen)
 
 
+#: Share of every source of the other class a leave-one-source-out fold holds back to test against.
+COUNTERPART_FRACTION = 0.25
+
+
+def fold_test_rows(
+    rows: Sequence[ManifestRow], source: str, seed: int, fraction: float = COUNTERPART_FRACTION
+) -> tuple[list[ManifestRow], list[int]]:
+    """A fold's test images (held-out source, then unseen counterparts) and the counterparts' indices."""
+    counterpart = counterpart_split(rows, source, fraction, seed)
+    return [r for r in rows if r.source == source] + [rows[i] for i in counterpart], counterpart
+
+
 def leave_one_source_out(
     manifest: Path,
     out_dir: Path,
@@ -241,7 +253,7 @@ def leave_one_source_out(
     train_config: Any,
     sources: Sequence[str] = (),
     taef2_dir: Path | None = None,
-    counterpart_fraction: float = 0.25,
+    counterpart_fraction: float = COUNTERPART_FRACTION,
     cache_dir: Path = Path("runs/cache"),
     log: Log = print,
 ) -> dict[str, Any]:
@@ -261,7 +273,7 @@ def leave_one_source_out(
     summary_path = out_dir / "loso_summary.json"
     for source in chosen:
         fold_dir = out_dir / source.replace(":", "__").replace("/", "_")
-        counterpart = counterpart_split(rows, source, counterpart_fraction, train_config.seed)
+        test_rows, counterpart = fold_test_rows(rows, source, train_config.seed, counterpart_fraction)
         config = replace(
             train_config,
             exclude_sources=(source,),
@@ -273,7 +285,6 @@ def leave_one_source_out(
             train(manifest, fold_dir, config, taef2_dir=taef2_dir, cache_dir=cache_dir, log=log)
         detector = detector_from_weights(weights)
         detector.evidence_cache = evidence_cache
-        test_rows = [r for r in rows if r.source == source] + [rows[i] for i in counterpart]
         report = _evaluate_rows(
             detector, test_rows, conditions=CONDITIONS, manifest=str(manifest), holdout=[source]
         )
@@ -307,11 +318,21 @@ def summarise_folds(folds: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def detections_under(
+    detector: Any, pixels: Sequence[NDArray[np.float32]], condition: Condition, batch_size: int = 16
+) -> Iterator[Any]:
+    """`detector.detect` on every image made to `condition` (see `apply_condition`), in order, in batches."""
+    for start in range(0, len(pixels), batch_size):
+        yield from detector.detect(
+            [apply_condition(p, condition) for p in pixels[start : start + batch_size]]
+        )
+
+
 def _evaluate_rows(
     detector: Any,
     rows: Sequence[ManifestRow],
     *,
-    conditions: Sequence[str],
+    conditions: Sequence[Condition],
     manifest: str,
     holdout: list[str],
 ) -> EvalReport:
@@ -326,12 +347,9 @@ def _evaluate_rows(
     for condition in conditions:
         scores = np.empty(len(rows))
         unanalysable = 0
-        for start in range(0, len(rows), 16):
-            chunk = pixels[start : start + 16]
-            images = [apply_condition(p, condition) for p in chunk]  # type: ignore[arg-type]
-            for offset, detection in enumerate(detector.detect(images)):
-                scores[start + offset] = detection.score
-                unanalysable += detection.decided_by == "unanalysable"
+        for index, detection in enumerate(detections_under(detector, pixels, condition)):
+            scores[index] = detection.score
+            unanalysable += detection.decided_by == "unanalysable"
         report.conditions[condition] = metrics_for(
             condition, rows, scores, detector.cfg.threshold_generated, unanalysable
         )
