@@ -16,6 +16,9 @@ Recipe (the reasons are in MODEL_CARD.md):
      one,
      applied by file format whatever the class, so that "never compressed" is not a proxy for "generated";
    - then a random final JPEG re-compression (random quality, sometimes none) and a random horizontal flip.
+   Optional, off in the shipped recipe: a Gaussian blur (`Augmentation.blur_p`) and a rescaling history
+   (`Augmentation.resize_p`), both drawn alike for both classes. Resampling happens only to training crops;
+   the detector itself never resizes what it analyses.
    Image size, aspect ratio, file format and metadata never reach the network: it only sees fixed-size crops.
 4. Fit the fusion (CNN logit -> calibrated score; the hand-made evidence features join it only with
    `evidence_in_score`) by logistic regression on the calibration split under the three evaluation conditions,
@@ -83,6 +86,14 @@ class Augmentation:
     #: 0 in the shipped recipe; when 0, no random number is drawn for it, so older recipes repeat exactly.
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.2, 1.5)
+    #: Rescaling "history", both classes alike: a region of size/scale pixels (scale drawn from
+    #: `resize_scale`, clipped to the image) is resampled to the crop size, and the crop then counts as
+    #: lossless (it gets a JPEG history like any lossless image), because resampling erased whatever JPEG
+    #: grid it had. Web copies of photos and of generated images alike are often downscaled (ImageNet's
+    #: photos are), so resampling traces should not decide the class. 0 in the shipped recipe; when 0, no
+    #: random number is drawn for it, so older recipes repeat exactly.
+    resize_p: float = 0.0
+    resize_scale: tuple[float, float] = (0.5, 1.0)
     flip_p: float = 0.5
 
 
@@ -150,16 +161,27 @@ def augmented_crop(
     """One training crop; see the module docstring for why each step is there."""
     pixels = sample.pixels
     height, width = pixels.shape[:2]
-    step = 1 if rng.random() < aug.off_lattice_p else CROP_ALIGN
-    top = step * int(rng.integers(0, (height - size) // step + 1))
-    left = step * int(rng.integers(0, (width - size) // step + 1))
-    crop = np.ascontiguousarray(pixels[top : top + size, left : left + size])
+    lossless = sample.lossless
+    if aug.resize_p > 0 and rng.random() < aug.resize_p:
+        scale = float(rng.uniform(*aug.resize_scale))
+        region = min(round(size / scale), height, width)
+        top = int(rng.integers(0, height - region + 1))
+        left = int(rng.integers(0, width - region + 1))
+        source = Image.fromarray(np.ascontiguousarray(pixels[top : top + region, left : left + region]))
+        # Pillow's bicubic resize widens its kernel when reducing, so the downscale is antialiased.
+        crop = np.asarray(source.resize((size, size), Image.Resampling.BICUBIC))
+        lossless = True
+    else:
+        step = 1 if rng.random() < aug.off_lattice_p else CROP_ALIGN
+        top = step * int(rng.integers(0, (height - size) // step + 1))
+        left = step * int(rng.integers(0, (width - size) // step + 1))
+        crop = np.ascontiguousarray(pixels[top : top + size, left : left + size])
     if rng.random() < aug.flip_p:
         crop = np.ascontiguousarray(crop[:, ::-1])
     if aug.blur_p > 0 and rng.random() < aug.blur_p:
         radius = float(rng.uniform(*aug.blur_sigma))  # Pillow's GaussianBlur radius is the sigma
         crop = np.asarray(Image.fromarray(crop).filter(ImageFilter.GaussianBlur(radius)))
-    if sample.lossless and rng.random() < aug.lossless_history_p:
+    if lossless and rng.random() < aug.lossless_history_p:
         crop = _jpeg(crop, int(rng.integers(aug.history_quality[0], aug.history_quality[1] + 1)))
     if rng.random() < aug.final_jpeg_p:
         crop = _jpeg(crop, int(rng.integers(aug.final_quality[0], aug.final_quality[1] + 1)))

@@ -182,7 +182,7 @@ def test_excluding_a_whole_class_is_refused(tmp_path):
 
 def test_augmentation_never_depends_on_the_class():
     pixels = _camera_like(np.random.default_rng(0), 128)
-    aug = Augmentation(lossless_history_p=0.5, final_jpeg_p=0.5, off_lattice_p=0.0, blur_p=0.5)
+    aug = Augmentation(lossless_history_p=0.5, final_jpeg_p=0.5, off_lattice_p=0.0, blur_p=0.5, resize_p=0.5)
     for seed in range(20):
         real_sample = Sample(pixels, family=0, lossless=True, source="a")
         fake_sample = Sample(pixels, family=1, lossless=True, source="b")
@@ -333,3 +333,32 @@ def test_a_network_with_the_npr_view_trains_saves_and_loads(tmp_path):
     assert detector.net.config.use_npr == 1
     (detection,) = detector.detect([Image.fromarray(_smooth_noise(np.random.default_rng(7), 128))])
     assert 0.0 <= detection.score <= 1.0
+
+
+def test_resize_history_downscales_crops_and_is_not_drawn_when_off():
+    # Stripes with period 8 px: downscaled by 0.5 they have period 4, which a plain crop never shows.
+    stripes = np.zeros((256, 256, 3), dtype=np.uint8)
+    for column in range(4):
+        stripes[:, column::8] = 255
+    sample = Sample(stripes, family=1, lossless=False, source="a")
+    plain = Augmentation(final_jpeg_p=0.0, flip_p=0.0, off_lattice_p=0.0, lossless_history_p=0.0)
+    halved = replace(plain, resize_p=1.0, resize_scale=(0.5, 0.5))
+    for seed in range(5):
+        crop = augmented_crop(sample, 64, plain, np.random.default_rng(seed)).astype(float)
+        small = augmented_crop(sample, 64, halved, np.random.default_rng(seed)).astype(float)
+        assert crop.shape == small.shape == (64, 64, 3)
+        row, small_row = crop[32, :, 0], small[32, 8:-8, 0]
+        assert np.abs(row[:-4] - row[4:]).min() == 255  # period 8 as stored: half a period inverts it
+        assert np.abs(small_row[:-4] - small_row[4:]).max() < 10  # period 4 after the downscale
+        assert np.abs(small_row[:-2] - small_row[2:]).max() > 200  # and not period 2
+    # A resampled crop counts as lossless: it gets the JPEG history even though the sample was stored as JPEG.
+    with_history = replace(halved, lossless_history_p=1.0, history_quality=(40, 40))
+    resampled = augmented_crop(sample, 64, halved, np.random.default_rng(0))
+    assert not np.array_equal(resampled, augmented_crop(sample, 64, with_history, np.random.default_rng(0)))
+    # Off, no random number is drawn for it, so the recipes measured before it existed repeat exactly.
+    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
+    assert np.array_equal(
+        augmented_crop(sample, 64, plain, off),
+        augmented_crop(sample, 64, replace(plain, resize_p=1e-12), tiny),
+    )
+    assert off.random() != tiny.random()
