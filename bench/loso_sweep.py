@@ -95,6 +95,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "deep": {"net": NetConfig(blocks=4)},
     # The two nearest misses of the screening together: 128 px crops and the rescaling history.
     "crop128_resize": {"crop_size": 128, "batch_size": 16, "augmentation": Augmentation(resize_p=0.3)},
+    # `resize` with other initial weights and draws (same splits): is its gain over `shipped_init1` the same?
+    "resize_init1": {"augmentation": Augmentation(resize_p=0.3), "init_seed": 1},
 }
 
 
