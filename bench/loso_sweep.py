@@ -35,6 +35,10 @@ from models.training import Augmentation, TrainConfig, pixel_cache_path, reconst
 
 #: How synthguard-v1 1.1.0 drew images within a class; the recipes measured against 1.1.0 keep it.
 V1_1_DRAWS: dict[str, Any] = {"source_weight_power": 0.5}
+#: 128 px crops instead of 64; 16 crops per batch keep the pixels per optimiser step, and so the time.
+CROP128: dict[str, Any] = {"crop_size": 128, "batch_size": 16}
+#: A rescaling history on 30% of the training crops of both classes (`Augmentation.resize_p`).
+RESCALED: dict[str, Any] = {"augmentation": Augmentation(resize_p=0.3)}
 
 #: Recipe name -> changes to the shipped `TrainConfig`. `shipped` is the recipe of the committed weights.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -76,8 +80,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # draws: the second member of a two-model average (bench/loso_ensemble.py).
     "shipped_init1": {"init_seed": 1},
     # The shipped recipe reading 128 px crops instead of 64 (four times the context per crop, 8x8 cells of the
-    # decoder grid instead of 4x4); 16 crops per batch keep the pixels per optimiser step, and so the time.
-    "crop128": {"crop_size": 128, "batch_size": 16},
+    # decoder grid instead of 4x4).
+    "crop128": CROP128,
     # The shipped recipe with a Gaussian blur (sigma 0.2-1.5 px) on 30% of the training crops of both classes,
     # before the JPEG steps (blur + JPEG augmentation, Wang et al., CVPR 2020, who report it helping a
     # detector transfer to unseen generators).
@@ -88,15 +92,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The shipped recipe with a rescaling history on 30% of the training crops of both classes: a region
     # 1-2x the crop's side resampled down to it (bicubic, antialiased), then treated as lossless. ImageNet's
     # web photos are downscaled; if the model reads resampling as "generated", they look generated.
-    "resize": {"augmentation": Augmentation(resize_p=0.3)},
+    "resize": RESCALED,
     # The shipped recipe with four residual blocks per stage instead of two (about 1.8x the CNN work): the
     # issue names capacity as one lever, and the shipped model fits its own calibration split at AUC 0.85
     # only.
     "deep": {"net": NetConfig(blocks=4)},
     # The two nearest misses of the screening together: 128 px crops and the rescaling history.
-    "crop128_resize": {"crop_size": 128, "batch_size": 16, "augmentation": Augmentation(resize_p=0.3)},
+    "crop128_resize": {**CROP128, **RESCALED},
     # `resize` with other initial weights and draws (same splits): is its gain over `shipped_init1` the same?
-    "resize_init1": {"augmentation": Augmentation(resize_p=0.3), "init_seed": 1},
+    "resize_init1": {**RESCALED, "init_seed": 1},
 }
 
 
