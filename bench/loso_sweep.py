@@ -101,6 +101,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "crop128_resize": {**CROP128, **RESCALED},
     # `resize` with other initial weights and draws (same splits): is its gain over `shipped_init1` the same?
     "resize_init1": {**RESCALED, "init_seed": 1},
+    # The shipped recipe with every training JPEG step drawing its chroma subsampling (4:4:4, 4:2:2 or 4:2:0)
+    # for both classes alike: the dev set's JPEG sources differ by it, and Pillow's default is always 4:2:0.
+    "chroma": {"augmentation": Augmentation(chroma_subsampling=(0, 1, 2))},
 }
 
 

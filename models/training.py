@@ -16,9 +16,10 @@ Recipe (the reasons are in MODEL_CARD.md):
      one,
      applied by file format whatever the class, so that "never compressed" is not a proxy for "generated";
    - then a random final JPEG re-compression (random quality, sometimes none) and a random horizontal flip.
-   Optional, off in the shipped recipe: a Gaussian blur (`Augmentation.blur_p`) and a rescaling history
-   (`Augmentation.resize_p`), both drawn alike for both classes. Resampling happens only to training crops;
-   the detector itself never resizes what it analyses.
+   Optional, off in the shipped recipe: a Gaussian blur (`Augmentation.blur_p`), a rescaling history
+   (`Augmentation.resize_p`) and a drawn chroma subsampling of every JPEG step
+   (`Augmentation.chroma_subsampling`), all drawn alike for both classes. Resampling happens only to
+   training crops; the detector itself never resizes what it analyses.
    Image size, aspect ratio, file format and metadata never reach the network: it only sees fixed-size crops.
 4. Fit the fusion (CNN logit -> calibrated score; the hand-made evidence features join it only with
    `evidence_in_score`) by logistic regression on the calibration split under the three evaluation conditions,
@@ -94,6 +95,12 @@ class Augmentation:
     #: random number is drawn for it, so older recipes repeat exactly.
     resize_p: float = 0.0
     resize_scale: tuple[float, float] = (0.5, 1.0)
+    #: Chroma subsampling of every JPEG step (Pillow's codes: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0), one drawn per
+    #: step, both classes alike. The dev set's JPEG sources differ by it (its web photos are mostly 4:4:4,
+    #: its camera photos mostly 4:2:2, two generated sources 4:4:4), while Pillow's default is always 4:2:0,
+    #: so chroma resolution is a trace of the saving software that can stand for a source. Empty in the
+    #: shipped recipe (Pillow's default); when empty, no random number is drawn for it.
+    chroma_subsampling: tuple[int, ...] = ()
     flip_p: float = 0.5
 
 
@@ -147,12 +154,25 @@ class Sample:
     is_reconstruction: bool = False
 
 
-def _jpeg(pixels: NDArray[np.uint8], quality: int) -> NDArray[np.uint8]:
+def _jpeg(pixels: NDArray[np.uint8], quality: int, subsampling: int | None = None) -> NDArray[np.uint8]:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    options: dict[str, int] = {} if subsampling is None else {"subsampling": subsampling}
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality, **options)
     buffer.seek(0)
     with Image.open(buffer) as decoded:
         return np.asarray(decoded.convert("RGB"))
+
+
+def _recompress(
+    pixels: NDArray[np.uint8], quality: tuple[int, int], aug: Augmentation, rng: np.random.Generator
+) -> NDArray[np.uint8]:
+    """One JPEG step of the augmentation: a quality from `quality`, a chroma subsampling when the recipe
+    draws one."""
+    drawn_quality = int(rng.integers(quality[0], quality[1] + 1))
+    if not aug.chroma_subsampling:
+        return _jpeg(pixels, drawn_quality)
+    subsampling = aug.chroma_subsampling[int(rng.integers(len(aug.chroma_subsampling)))]
+    return _jpeg(pixels, drawn_quality, subsampling)
 
 
 def augmented_crop(
@@ -182,9 +202,9 @@ def augmented_crop(
         radius = float(rng.uniform(*aug.blur_sigma))  # Pillow's GaussianBlur radius is the sigma
         crop = np.asarray(Image.fromarray(crop).filter(ImageFilter.GaussianBlur(radius)))
     if lossless and rng.random() < aug.lossless_history_p:
-        crop = _jpeg(crop, int(rng.integers(aug.history_quality[0], aug.history_quality[1] + 1)))
+        crop = _recompress(crop, aug.history_quality, aug, rng)
     if rng.random() < aug.final_jpeg_p:
-        crop = _jpeg(crop, int(rng.integers(aug.final_quality[0], aug.final_quality[1] + 1)))
+        crop = _recompress(crop, aug.final_quality, aug, rng)
     return crop
 
 
@@ -388,9 +408,9 @@ def history_variant(
     """The whole image with the training augmentation's compression history (same draws for both classes)."""
     out = pixels
     if lossless and rng.random() < aug.lossless_history_p:
-        out = _jpeg(out, int(rng.integers(aug.history_quality[0], aug.history_quality[1] + 1)))
+        out = _recompress(out, aug.history_quality, aug, rng)
     if rng.random() < aug.final_jpeg_p:
-        out = _jpeg(out, int(rng.integers(aug.final_quality[0], aug.final_quality[1] + 1)))
+        out = _recompress(out, aug.final_quality, aug, rng)
     return out
 
 

@@ -182,7 +182,14 @@ def test_excluding_a_whole_class_is_refused(tmp_path):
 
 def test_augmentation_never_depends_on_the_class():
     pixels = _camera_like(np.random.default_rng(0), 128)
-    aug = Augmentation(lossless_history_p=0.5, final_jpeg_p=0.5, off_lattice_p=0.0, blur_p=0.5, resize_p=0.5)
+    aug = Augmentation(
+        lossless_history_p=0.5,
+        final_jpeg_p=0.5,
+        off_lattice_p=0.0,
+        blur_p=0.5,
+        resize_p=0.5,
+        chroma_subsampling=(0, 1, 2),
+    )
     for seed in range(20):
         real_sample = Sample(pixels, family=0, lossless=True, source="a")
         fake_sample = Sample(pixels, family=1, lossless=True, source="b")
@@ -362,3 +369,36 @@ def test_resize_history_downscales_crops_and_is_not_drawn_when_off():
         augmented_crop(sample, 64, replace(plain, resize_p=1e-12), tiny),
     )
     assert off.random() != tiny.random()
+
+
+def test_chroma_subsampling_is_drawn_per_jpeg_step_and_not_when_off():
+    # Red and blue alternate every pixel column: 4:4:4 keeps that chroma detail, 4:2:0 halves it away.
+    columns = np.zeros((128, 128, 3), dtype=np.uint8)
+    columns[:, 0::2, 0] = 255
+    columns[:, 1::2, 2] = 255
+    sample = Sample(columns, family=1, lossless=True, source="a")
+    plain = Augmentation(flip_p=0.0, off_lattice_p=0.0, lossless_history_p=1.0, final_jpeg_p=0.0)
+    plain = replace(plain, history_quality=(95, 95))
+
+    def red_alternation(crop: np.ndarray) -> float:
+        red = crop[..., 0].astype(float)
+        return float(np.abs(red[:, 1:] - red[:, :-1]).mean())
+
+    full = augmented_crop(sample, 64, replace(plain, chroma_subsampling=(0,)), np.random.default_rng(0))
+    halved = augmented_crop(sample, 64, plain, np.random.default_rng(0))
+    assert red_alternation(full) > 200
+    assert red_alternation(halved) < 100
+    # Every listed subsampling is drawn, and each JPEG step draws its own.
+    drawn = {
+        red_alternation(augmented_crop(sample, 64, replace(plain, chroma_subsampling=(0, 2)), rng)) > 200
+        for rng in (np.random.default_rng(seed) for seed in range(20))
+    }
+    assert drawn == {True, False}
+    # Off (empty), no random number is drawn for it, so the recipes measured before it existed repeat exactly:
+    # drawing between two 4:2:0 entries (Pillow's default) gives the same crop but moves the stream.
+    off, drawing = np.random.default_rng(7), np.random.default_rng(7)
+    assert np.array_equal(
+        augmented_crop(sample, 64, plain, off),
+        augmented_crop(sample, 64, replace(plain, chroma_subsampling=(2, 2)), drawing),
+    )
+    assert off.random() != drawing.random()
