@@ -49,11 +49,16 @@ class EvidenceInputs:
     """The arrays several evidence groups need, computed once per crop (luma, residuals)."""
 
     def __init__(self, crop: FloatArray) -> None:
-        self.crop = np.ascontiguousarray(crop, dtype=np.float32)
+        self.crop = np.asarray(crop, dtype=np.float32)
+
+    @cached_property
+    def planes(self) -> FloatArray:
+        """The crop's channels as contiguous (3, H, W) planes: one copy serves luma and every residual."""
+        return np.ascontiguousarray(self.crop.transpose(2, 0, 1))
 
     @cached_property
     def luma(self) -> FloatArray:
-        return luminance(self.crop)
+        return luminance(self.planes.transpose(1, 2, 0))
 
     @cached_property
     def luma_residual(self) -> FloatArray:
@@ -61,7 +66,7 @@ class EvidenceInputs:
 
     @cached_property
     def channel_residuals(self) -> list[FloatArray]:
-        return [laplacian_residual(np.ascontiguousarray(self.crop[..., c])) for c in range(3)]
+        return [laplacian_residual(plane) for plane in self.planes]
 
 
 def as_inputs(crop: FloatArray | EvidenceInputs) -> EvidenceInputs:
@@ -154,21 +159,27 @@ def blocks(plane: FloatArray, side: int = BLOCK) -> FloatArray:
     )
 
 
-def debiased_strength(per_block: NDArray[Any]) -> float:
+def debiased_strengths(per_block: NDArray[Any]) -> NDArray[np.float64]:
     """Norm of the component shared by all blocks, without the upward bias noise gives a norm.
 
-    `per_block` is (n_blocks, k): one (possibly complex) k-vector per block, e.g. the period-8 harmonic of
-    each block's folded profile. The squared norm of their mean is biased up by noise (by variance/n, so it
-    depends on the number of blocks); the mean of the cross products between different blocks is not. Returns
-    the signed square root of that unbiased estimate: about 0 (either sign) when blocks share no pattern,
-    whatever the image size, and the pattern's amplitude when they do.
+    `per_block` is (..., n_blocks, k): for each leading index, one (possibly complex) k-vector per block, e.g.
+    the period-8 harmonic of each block's folded profile. The squared norm of their mean is biased up by noise
+    (by variance/n, so it depends on the number of blocks); the mean of the cross products between different
+    blocks is not. Returns, per leading index, the signed square root of that unbiased estimate: about 0
+    (either sign) when blocks share no pattern, whatever the image size, and the pattern's amplitude when
+    they do.
     """
     values = np.asarray(per_block)
-    if values.ndim == 1:
-        values = values[:, None]
-    n = values.shape[0]
+    n = values.shape[-2]
     if n < 2:
-        return float(np.sqrt(np.sum(np.abs(values) ** 2))) if n == 1 else 0.0
-    total = values.sum(axis=0)
-    cross = float(np.sum(np.abs(total) ** 2) - np.sum(np.abs(values) ** 2)) / (n * (n - 1))
-    return float(np.sign(cross) * np.sqrt(abs(cross)))
+        own = np.sqrt(np.sum(np.abs(values) ** 2, axis=(-2, -1)))
+        return np.asarray(own if n == 1 else np.zeros_like(own), dtype=np.float64)
+    total = values.sum(axis=-2)
+    cross = (np.sum(np.abs(total) ** 2, axis=-1) - np.sum(np.abs(values) ** 2, axis=(-2, -1))) / (n * (n - 1))
+    return np.asarray(np.sign(cross) * np.sqrt(np.abs(cross)), dtype=np.float64)
+
+
+def debiased_strength(per_block: NDArray[Any]) -> float:
+    """`debiased_strengths` of one set of blocks: (n_blocks, k), or (n_blocks,) for k = 1."""
+    values = np.asarray(per_block)
+    return float(debiased_strengths(values[:, None] if values.ndim == 1 else values))

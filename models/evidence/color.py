@@ -11,6 +11,7 @@ little; its presence is real-camera evidence.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -27,16 +28,23 @@ from models.evidence._common import (
 
 GROUP = "color"
 CHANNELS = ("r", "g", "b")
+PAIRS = ((0, 1), (1, 2), (0, 2))
 #: Floor added to each 2x2 cell's residual sum (a quarter grey level) so flat regions do not divide by zero.
 CELL_FLOOR = np.float32(0.25 / 255.0)
 
 
-def _correlation(a: FloatArray, b: FloatArray) -> float:
-    a0 = (a - a.mean()).ravel()
-    b0 = (b - b.mean()).ravel()
-    # Sums of products rather than np.dot, which would go to (multi-threaded) BLAS; see `luminance`.
-    denom = float(np.sqrt(np.sum(a0 * a0, dtype=np.float64) * np.sum(b0 * b0, dtype=np.float64)))
-    return float(np.sum(a0 * b0, dtype=np.float64)) / denom if denom > 0 else 0.0
+def _correlations(residuals: list[FloatArray]) -> dict[str, float]:
+    """Pearson correlation of each pair of channel residuals ("rg", "gb", "rb"); 0 when one is constant."""
+    # Each residual is centred and its sum of squares taken once, for all three pairs. Sums of products
+    # rather than np.dot, which would go to (multi-threaded) BLAS; see `luminance`.
+    centred = [(r - r.mean()).ravel() for r in residuals]
+    energy = [float(np.sum(c * c, dtype=np.float64)) for c in centred]
+    correlations = {}
+    for (i, j), pair in zip(PAIRS, ("rg", "gb", "rb"), strict=True):
+        denom = math.sqrt(energy[i] * energy[j])
+        cross = float(np.sum(centred[i] * centred[j], dtype=np.float64))
+        correlations[pair] = cross / denom if denom > 0 else 0.0
+    return correlations
 
 
 def lattice_strength(residual: FloatArray) -> float:
@@ -64,11 +72,11 @@ def color_evidence(crop: FloatArray | EvidenceInputs) -> dict[str, Any]:
     """Colour metrics of an RGB crop (side >= 64). Returns metric records plus a `summary` string."""
     residuals = as_inputs(crop).channel_residuals
     metrics: dict[str, dict[str, Any]] = {}
-    for (i, j), pair in zip(((0, 1), (1, 2), (0, 2)), ("rg", "gb", "rb"), strict=True):
+    for pair, correlation in _correlations(residuals).items():
         metrics[f"residual_corr_{pair}"] = metric(
             GROUP,
             f"residual_corr_{pair}",
-            _correlation(residuals[i], residuals[j]),
+            correlation,
             f"correlation of the {pair[0].upper()} and {pair[1].upper()} high-pass residuals",
         )
     for channel, residual in zip(CHANNELS, residuals, strict=True):

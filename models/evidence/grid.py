@@ -28,11 +28,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.evidence._common import (
+    BLOCK,
     EvidenceInputs,
     FloatArray,
     as_inputs,
-    blocks,
     debiased_strength,
+    debiased_strengths,
     metric,
     summarise,
 )
@@ -51,61 +52,80 @@ SHARE_FLOOR = 0.01
 _BOUNDARY = PERIOD - 1  # index of the difference between columns 8k+7 and 8k+8
 
 
-def _column_steps(plane: FloatArray) -> FloatArray:
-    """|x[:, j+1] - x[:, j]| clipped, as a full-width array (step j is between columns j and j+1).
+def _clipped_steps(plane: FloatArray, axis: int) -> FloatArray:
+    """|x[i+1] - x[i]| along `axis` (0: between rows, 1: between columns), clipped, same shape as `plane`.
 
-    The last column has no right neighbour; it takes the step 8 columns to its left, which has the same
+    The last row or column has no successor; it takes the step 8 places before it, which has the same
     lattice phase, so the phase statistics are unchanged.
     """
-    steps = np.empty_like(plane)
-    steps[:, :-1] = np.minimum(np.abs(np.diff(plane, axis=1)), DIFF_CLIP)
-    steps[:, -1] = steps[:, -1 - PERIOD]
-    return steps
+    moved = np.moveaxis(plane, axis, 0)  # a view: the steps are taken along its first axis
+    steps = np.empty_like(moved)
+    inner = steps[:-1]
+    np.subtract(moved[1:], moved[:-1], out=inner)
+    np.abs(inner, out=inner)
+    np.minimum(inner, DIFF_CLIP, out=inner)
+    steps[-1] = steps[-1 - PERIOD]
+    return np.moveaxis(steps, 0, axis)
+
+
+def _step_profiles(plane: FloatArray) -> NDArray[np.float64]:
+    """(2, n, 32): per 32 px block, the mean step at each of its 32 columns (index 0) and rows (index 1).
+
+    Both axes are reduced in place of the plane, without copying it into blocks or transposing it; block
+    order is the same on both axes (row-major over the blocks).
+    """
+    rows, cols = plane.shape[0] // BLOCK, plane.shape[1] // BLOCK
+    height, width = rows * BLOCK, cols * BLOCK
+    across_cols = _clipped_steps(plane, axis=1)[:height, :width]
+    across_rows = _clipped_steps(plane, axis=0)[:height, :width]
+    # (rows, 32, cols*32) averaged over each block's rows -> (rows, cols, 32) column profiles
+    col_profiles = across_cols.reshape(rows, BLOCK, width).mean(axis=1, dtype=np.float64)
+    # (rows, 32, cols, 32) averaged over each block's columns -> (rows, 32, cols) -> (rows, cols, 32)
+    row_profiles = across_rows.reshape(rows, BLOCK, cols, BLOCK).mean(axis=3, dtype=np.float64)
+    row_profiles = row_profiles.transpose(0, 2, 1)
+    return np.stack([col_profiles.reshape(rows * cols, BLOCK), row_profiles.reshape(rows * cols, BLOCK)])
 
 
 def _fill_boundary(folded: NDArray[np.float64], phases: tuple[int, ...]) -> NDArray[np.float64]:
-    """Replace the JPEG boundary phases of each row of `folded` by the mean of the other phases."""
-    keep = np.ones(folded.shape[1], dtype=bool)
+    """Replace the JPEG boundary phases of each profile (last axis) of `folded` by the mean of the others."""
+    keep = np.ones(folded.shape[-1], dtype=bool)
     keep[list(phases)] = False
     filled = folded.copy()
-    filled[:, ~keep] = folded[:, keep].mean(axis=1, keepdims=True)
+    filled[..., ~keep] = folded[..., keep].mean(axis=-1, keepdims=True)
     return filled
 
 
 def _relative_harmonics(folded: NDArray[np.float64]) -> NDArray[np.complex128]:
     """DFT of each block's folded profile over the profile's mean: relative strength of each harmonic."""
-    spectrum = np.fft.rfft(folded, axis=1)
-    return np.asarray(spectrum / np.maximum(spectrum[:, :1].real, 1e-12), dtype=np.complex128)
+    spectrum = np.fft.rfft(folded, axis=-1)
+    return np.asarray(spectrum / np.maximum(spectrum[..., :1].real, 1e-12), dtype=np.complex128)
 
 
-def _axis_measures(plane: FloatArray) -> dict[str, float]:
-    """Grid measures across the columns of `plane` (the transpose gives rows), combined over 32 px blocks."""
-    # (n, 32): mean step at each column of each 32 px block
-    profiles = blocks(_column_steps(plane)).mean(axis=1, dtype=np.float64)
-    n_blocks = profiles.shape[0]
-    fold8 = profiles.reshape(n_blocks, -1, PERIOD).mean(axis=1)  # (n, 8)
-    fold16 = profiles.reshape(n_blocks, -1, 2 * PERIOD).mean(axis=1)  # (n, 16)
+def _axis_measures(profiles: NDArray[np.float64]) -> dict[str, NDArray[np.float64]]:
+    """Grid measures of (..., n, 32) step profiles of 32 px blocks, one value per leading index (axis)."""
+    fold8 = profiles.reshape(*profiles.shape[:-1], -1, PERIOD).mean(axis=-2)  # (..., n, 8)
+    fold16 = profiles.reshape(*profiles.shape[:-1], -1, 2 * PERIOD).mean(axis=-2)  # (..., n, 16)
 
-    others = np.delete(fold8, _BOUNDARY, axis=1).mean(axis=1)
-    blockiness = float(np.mean((fold8[:, _BOUNDARY] + STEP_FLOOR) / (others + STEP_FLOOR)))
-    deviation = fold8 / np.maximum(fold8.mean(axis=1, keepdims=True), 1e-12) - 1.0
-    on_boundary = debiased_strength(deviation[:, _BOUNDARY])
-    all_phases = debiased_strength(deviation)
-    share = max(on_boundary, 0.0) ** 2 / (max(all_phases, 0.0) ** 2 + SHARE_FLOOR**2)
+    others = np.delete(fold8, _BOUNDARY, axis=-1).mean(axis=-1)
+    blockiness = np.mean((fold8[..., _BOUNDARY] + STEP_FLOOR) / (others + STEP_FLOOR), axis=-1)
+    deviation = fold8 / np.maximum(fold8.mean(axis=-1, keepdims=True), 1e-12) - 1.0
+    on_boundary = debiased_strengths(deviation[..., _BOUNDARY : _BOUNDARY + 1])
+    all_phases = debiased_strengths(deviation)
+    share = np.maximum(on_boundary, 0.0) ** 2 / (np.maximum(all_phases, 0.0) ** 2 + SHARE_FLOOR**2)
 
     full = _relative_harmonics(fold8)
     clean8 = _relative_harmonics(_fill_boundary(fold8, (_BOUNDARY,)))
     clean16 = _relative_harmonics(_fill_boundary(fold16, (_BOUNDARY, _BOUNDARY + PERIOD)))
     return {
         # Period-8 harmonics of an 8-fold are k = 1 and 3; k = 2 is period 4; k = 4 is period 2.
-        "period8": debiased_strength(full[:, [1, 3]]),
-        "period8_off_jpeg": debiased_strength(clean8[:, [1, 3]]),
-        "period4": debiased_strength(clean8[:, 2]),
-        "period2": debiased_strength(clean8[:, 4]),
+        "period8": debiased_strengths(full[..., [1, 3]]),
+        "period8_off_jpeg": debiased_strengths(clean8[..., [1, 3]]),
+        "period4": debiased_strengths(clean8[..., 2:3]),
+        "period2": debiased_strengths(clean8[..., 4:5]),
         # Odd harmonics of a 16-fold are the components whose period is 16 and not 8.
-        "period16": debiased_strength(clean16[:, 1::2]),
+        "period16": debiased_strengths(clean16[..., 1::2]),
         "jpeg_blockiness": blockiness,
-        "jpeg_phase_share": min(float(share), 1.0),
+        "jpeg_phase_share": np.minimum(share, 1.0),
     }
 
 
@@ -118,8 +138,14 @@ def _interior_variation(luma_residual: FloatArray) -> float:
     row and column parity), so a camera's colour-filter lattice does not count as an 8-pixel grid. Blocks are
     combined with `debiased_strength`; the result is an RMS relative deviation per phase.
     """
-    residual = np.minimum(np.abs(luma_residual), DIFF_CLIP)
-    folded = blocks(residual).reshape(-1, 4, PERIOD, 4, PERIOD).mean(axis=(1, 3))  # (n, 8, 8)
+    rows, cols = luma_residual.shape[0] // BLOCK, luma_residual.shape[1] // BLOCK
+    per_block = BLOCK // PERIOD
+    residual = np.minimum(np.abs(luma_residual[: rows * BLOCK, : cols * BLOCK]), DIFF_CLIP)
+    # Fold in two sums over contiguous runs (much faster than one mean over two strided axes):
+    # (rows, 4, 8, width) -> (rows, 8, width) -> (rows, 8, cols, 4, 8) -> (rows, 8, cols, 8)
+    folded_rows = residual.reshape(rows, per_block, PERIOD, cols * BLOCK).sum(axis=1)
+    folded = folded_rows.reshape(rows, PERIOD, cols, per_block, PERIOD).sum(axis=3)
+    folded = folded.transpose(0, 2, 1, 3).reshape(-1, PERIOD, PERIOD)  # (n, 8, 8), sums of 16 values
     interior = folded[:, 1:-1, 1:-1].astype(np.float64)
     relative = interior / np.maximum(interior.mean(axis=(1, 2), keepdims=True), 1e-12)
     beyond_lattice = relative.copy()
@@ -132,10 +158,8 @@ def _interior_variation(luma_residual: FloatArray) -> float:
 def grid_evidence(crop: FloatArray | EvidenceInputs) -> dict[str, Any]:
     """Grid metrics of an RGB crop whose origin is on the 8x8 JPEG lattice. Returns records plus `summary`."""
     inputs = as_inputs(crop)
-    plane = inputs.luma
-    across_cols = _axis_measures(plane)
-    across_rows = _axis_measures(np.ascontiguousarray(plane.T))
-    combined = {key: 0.5 * (across_cols[key] + across_rows[key]) for key in across_cols}
+    per_axis = _axis_measures(_step_profiles(inputs.luma))  # index 0: across columns, 1: across rows
+    combined = {key: 0.5 * float(values[0] + values[1]) for key, values in per_axis.items()}
 
     meanings = {
         "period2": "period-2 strength of the luma difference profile (JPEG boundary phase excluded)",
