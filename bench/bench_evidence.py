@@ -1,10 +1,12 @@
 """Time the hand-made evidence: to_rgb_array, pixel_evidence (and each group), read_provenance.
 
     .venv/bin/python bench/bench_evidence.py [--size 512] [--repeats 30]
+    .venv/bin/python bench/bench_evidence.py --batch 32 [--device cuda]   # per image, measured in batches
     .venv/bin/python bench/bench_evidence.py --big-mode RGB     # peak memory of prepare_image, 40 MP
 
 Inputs are made here: a 512x512 JPEG (quality 90) of a smooth random scene, decoded once. Reports the median
-and the 90th percentile of wall time per call on one thread (the detector calls these once per image).
+and the 90th percentile of wall time per call on one thread (the detector measures the evidence of a whole
+batch at once, on its device; with --batch the figure is per image of such a batch, results on the CPU).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 
-from models.evidence import pixel_evidence, read_provenance
+from models.evidence import pixel_evidence, pixel_evidence_batch, read_provenance
 from models.evidence.color import color_evidence
 from models.evidence.grid import grid_evidence
 from models.evidence.spectral import spectral_evidence
@@ -67,10 +70,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=0, help="also time a batch of this many crops")
+    parser.add_argument("--device", default="cpu", help="device of the batched evidence (cpu, cuda)")
     parser.add_argument(
         "--big-mode", choices=["RGB", "RGBA"], help="instead: peak memory of prepare_image on a 40 MP image"
     )
     args = parser.parse_args()
+    torch.set_num_threads(1)
     if args.big_mode:
         _big_image_memory(args.big_mode)
         return
@@ -86,6 +92,17 @@ def main() -> None:
     _time("grid_evidence", lambda: grid_evidence(crop), args.repeats)
     _time("pixel_evidence (all three)", lambda: pixel_evidence(rgb), args.repeats)
     _time("read_provenance", lambda: read_provenance(image, data), args.repeats)
+    if args.batch:
+        crops = [crop] * args.batch
+        device = torch.device(args.device)
+
+        def batch() -> None:
+            pixel_evidence_batch(crops, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        _time(f"pixel_evidence_batch x{args.batch}", batch, args.repeats)
+        print(f"  = per image, {args.device}: divide by {args.batch}")
 
 
 if __name__ == "__main__":

@@ -8,24 +8,28 @@ float32 vector (`FEATURE_NAMES`) for the learned model to fuse.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from models.evidence._common import ANALYSIS_SIDE, EvidenceInputs
-from models.evidence.color import color_evidence
-from models.evidence.grid import grid_evidence
+from models.evidence.color import color_measures, color_records
+from models.evidence.grid import grid_measures, grid_records
 from models.evidence.provenance import read_provenance
-from models.evidence.spectral import spectral_evidence
+from models.evidence.spectral import spectral_measures, spectral_records
 from models.preprocess import center_crop
 
 __all__ = [
     "ANALYSIS_SIDE",
     "EVIDENCE_VERSION",
     "FEATURE_NAMES",
+    "evidence_crop",
     "evidence_features",
     "pixel_evidence",
+    "pixel_evidence_batch",
     "read_provenance",
 ]
 
@@ -67,17 +71,54 @@ def pixel_evidence(
     """Spectral, colour and grid evidence for float32 RGB pixels in [0, 1] (from `preprocess.to_rgb_array`).
 
     Reads one centre crop of at most 512x512 whose origin lies on the 8x8 lattice (`grid_offset` is
-    `PreparedImage.grid_offset` when EXIF rotation moved it); the image is never resized.
+    `PreparedImage.grid_offset` when EXIF rotation moved it); the image is never resized. Computed on the CPU;
+    `pixel_evidence_batch` does many crops at once on any device.
 
     Raises:
         ImageTooSmallError: a side is below `preprocess.MIN_SIDE`.
     """
-    inputs = EvidenceInputs(center_crop(rgb, ANALYSIS_SIDE, grid_offset))
-    return {
-        "spectral": spectral_evidence(inputs),
-        "color": color_evidence(inputs),
-        "grid": grid_evidence(inputs),
-    }
+    return pixel_evidence_batch([evidence_crop(rgb, grid_offset)])[0]
+
+
+def evidence_crop(rgb: NDArray[np.float32], grid_offset: tuple[int, int] = (0, 0)) -> NDArray[np.float32]:
+    """The part of an image the pixel evidence reads: its centre crop of at most `ANALYSIS_SIDE` px, origin on
+    the 8x8 lattice (a view, never resized).
+
+    Raises:
+        ImageTooSmallError: a side is below `preprocess.MIN_SIDE`.
+    """
+    return center_crop(rgb, ANALYSIS_SIDE, grid_offset)
+
+
+def pixel_evidence_batch(
+    crops: Sequence[NDArray[np.float32]], device: torch.device | str = "cpu"
+) -> list[dict[str, dict[str, Any]]]:
+    """`pixel_evidence` of many `evidence_crop`s, in order. Crops of the same size are stacked and measured
+    together on `device` (a GPU detector measures its whole batch there); the numbers come back to the CPU
+    once per size."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, crop in enumerate(crops):
+        by_shape.setdefault(tuple(crop.shape), []).append(index)
+    results: dict[int, dict[str, dict[str, Any]]] = {}
+    for indices in by_shape.values():
+        inputs = EvidenceInputs.of([crops[i] for i in indices], device)
+        groups = {name: measures(inputs) for name, (measures, _) in _GROUPS.items()}
+        names = [(group, key) for group, values in groups.items() for key in values]
+        table = torch.stack([groups[group][key].to(torch.float64) for group, key in names], dim=1).cpu()
+        for row, index in zip(table.tolist(), indices, strict=True):
+            values: dict[str, dict[str, float]] = {group: {} for group in groups}
+            for (group, key), value in zip(names, row, strict=True):
+                values[group][key] = value
+            results[index] = {group: _GROUPS[group][1](values[group]) for group in groups}
+    return [results[index] for index in range(len(crops))]
+
+
+_GROUPS: dict[str, tuple[Callable[[EvidenceInputs], dict[str, torch.Tensor]], Callable[..., dict[str, Any]]]]
+_GROUPS = {
+    "spectral": (spectral_measures, spectral_records),
+    "color": (color_measures, color_records),
+    "grid": (grid_measures, grid_records),
+}
 
 
 def evidence_features(evidence: dict[str, dict[str, Any]]) -> NDArray[np.float32]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
+from torch import Tensor
 
 FloatArray = NDArray[np.float32]
 
@@ -19,53 +22,67 @@ ANALYSIS_SIDE = 512
 RANGES_PATH = Path(__file__).with_name("camera_ranges.json")
 
 
-def luminance(rgb: FloatArray) -> FloatArray:
-    """Rec. 601 luma: JPEG codes this channel at full resolution, so block traces live here."""
-    # Element-wise, not `rgb @ weights`: a matrix product goes to OpenBLAS, which starts a thread per core in
-    # every process, and many detector processes on one machine (a GPU worker) then fight over the cores.
-    r, g, b = (rgb[..., c].astype(np.float32, copy=False) for c in range(3))
-    return np.asarray(np.float32(0.299) * r + np.float32(0.587) * g + np.float32(0.114) * b, dtype=np.float32)
+def luminance(planes: Tensor) -> Tensor:
+    """Rec. 601 luma of (..., 3, H, W) planes: JPEG codes this channel at full resolution, so block traces
+    live here."""
+    return 0.299 * planes[..., 0, :, :] + 0.587 * planes[..., 1, :, :] + 0.114 * planes[..., 2, :, :]
 
 
-def laplacian_residual(plane: FloatArray) -> FloatArray:
-    """x - mean(4 neighbours): a fixed high-pass predictor residual, same shape as the 2D `plane`.
+def laplacian_residual(planes: Tensor) -> Tensor:
+    """x - mean(4 neighbours) of every (..., H, W) plane: a fixed high-pass predictor residual, same shape.
 
     A linear interpolator (bilinear demosaicing, upsampling followed by smoothing) makes this residual
     exactly or nearly zero at interpolated positions, which is what the periodicity measures look for; scene
     content mostly cancels. Borders are edge-replicated so the residual keeps the plane's shape and its pixel
     coordinates (the lattice phases stay where they are, and a 64 px image still fills a 64 px tile).
     """
-    padded = np.pad(plane, 1, mode="edge")
-    # In-place accumulation: one temporary instead of four (this runs four times per image).
-    out = padded[:-2, 1:-1] + padded[2:, 1:-1]
-    out += padded[1:-1, :-2]
-    out += padded[1:-1, 2:]
-    out *= np.float32(-0.25)
-    out += plane
-    return np.asarray(out, dtype=np.float32)
+    # Accumulated in place, edge replication included, instead of summing shifted views of a padded copy:
+    # on the CPU that runs about five times faster, and gives the same numbers.
+    neighbours = torch.empty_like(planes)
+    neighbours[..., 1:, :] = planes[..., :-1, :]
+    neighbours[..., 0, :] = planes[..., 0, :]
+    neighbours[..., :-1, :] += planes[..., 1:, :]
+    neighbours[..., -1, :] += planes[..., -1, :]
+    neighbours[..., :, 1:] += planes[..., :, :-1]
+    neighbours[..., :, 0] += planes[..., :, 0]
+    neighbours[..., :, :-1] += planes[..., :, 1:]
+    neighbours[..., :, -1] += planes[..., :, -1]
+    return neighbours.mul_(-0.25).add_(planes)
 
 
 class EvidenceInputs:
-    """The arrays several evidence groups need, computed once per crop (luma, residuals)."""
+    """A batch of same-size RGB crops on one device, and the arrays several evidence groups need from them
+    (luma, residuals), each computed once."""
 
-    def __init__(self, crop: FloatArray) -> None:
-        self.crop = np.ascontiguousarray(crop, dtype=np.float32)
+    def __init__(self, crops: Tensor, planar: bool = False) -> None:
+        """`crops`: (B, H, W, 3) float32 in [0, 1] as `preprocess` makes them, or (B, 3, H, W) when `planar`,
+        on the device to compute on."""
+        planes = crops if planar else crops.permute(0, 3, 1, 2)
+        self.planes = planes.to(torch.float32).contiguous()  # (B, 3, H, W)
+
+    @classmethod
+    def of(cls, crops: Sequence[FloatArray], device: torch.device | str = "cpu") -> EvidenceInputs:
+        """Inputs for same-size (H, W, 3) float32 crops (numpy), stacked on `device`."""
+        # One copy into planar (B, 3, H, W) layout, straight from the (possibly strided) crop views.
+        planes = np.stack([np.asarray(c, dtype=np.float32).transpose(2, 0, 1) for c in crops])
+        return cls(torch.from_numpy(planes).to(device), planar=True)
 
     @cached_property
-    def luma(self) -> FloatArray:
-        return luminance(self.crop)
+    def luma(self) -> Tensor:
+        return luminance(self.planes)  # (B, H, W)
 
     @cached_property
-    def luma_residual(self) -> FloatArray:
-        return laplacian_residual(self.luma)
+    def luma_residual(self) -> Tensor:
+        return laplacian_residual(self.luma)  # (B, H, W)
 
     @cached_property
-    def channel_residuals(self) -> list[FloatArray]:
-        return [laplacian_residual(np.ascontiguousarray(self.crop[..., c])) for c in range(3)]
+    def channel_residuals(self) -> Tensor:
+        return laplacian_residual(self.planes)  # (B, 3, H, W)
 
 
 def as_inputs(crop: FloatArray | EvidenceInputs) -> EvidenceInputs:
-    return crop if isinstance(crop, EvidenceInputs) else EvidenceInputs(crop)
+    """`crop` itself, or a batch of one for a single (H, W, 3) crop (on the CPU)."""
+    return crop if isinstance(crop, EvidenceInputs) else EvidenceInputs.of([crop])
 
 
 @lru_cache(maxsize=1)
@@ -140,35 +157,42 @@ def summarise(title: str, metrics: dict[str, dict[str, Any]], headline: list[str
 BLOCK = 32
 
 
-def blocks(plane: FloatArray, side: int = BLOCK) -> FloatArray:
-    """Non-overlapping side x side blocks of a 2D array (rows and columns that do not fill a block are
-    dropped).
+def blocks(planes: Tensor, side: int = BLOCK) -> Tensor:
+    """Non-overlapping side x side blocks of (..., H, W) planes, as (..., n_blocks, side, side).
 
-    Shape (n_blocks, side, side). Block origins are multiples of `side` (itself a multiple of 8), so every
-    block sees the JPEG and colour-filter lattices at the same phase as the crop.
+    Rows and columns that do not fill a block are dropped; blocks are in row-major order. Block origins are
+    multiples of `side` (itself a multiple of 8), so every block sees the JPEG and colour-filter lattices at
+    the same phase as the crop.
     """
-    rows, cols = plane.shape[0] // side, plane.shape[1] // side
-    cut = plane[: rows * side, : cols * side]
-    return np.ascontiguousarray(
-        cut.reshape(rows, side, cols, side).transpose(0, 2, 1, 3).reshape(-1, side, side)
-    )
+    rows, cols = planes.shape[-2] // side, planes.shape[-1] // side
+    lead = planes.shape[:-2]
+    cut = planes[..., : rows * side, : cols * side]
+    tiled = cut.reshape(*lead, rows, side, cols, side).transpose(-3, -2)
+    # A contiguous copy: elementwise work on the permuted view would run several times slower on the CPU.
+    return tiled.reshape(*lead, rows * cols, side, side).contiguous()
+
+
+def debiased_strengths(per_block: Tensor) -> Tensor:
+    """Norm of the component shared by all blocks, without the upward bias noise gives a norm.
+
+    `per_block` is (..., n_blocks, k): for each leading index, one (possibly complex) k-vector per block, e.g.
+    the period-8 harmonic of each block's folded profile. The squared norm of their mean is biased up by noise
+    (by variance/n, so it depends on the number of blocks); the mean of the cross products between different
+    blocks is not. Returns, per leading index, the signed square root of that unbiased estimate: about 0
+    (either sign) when blocks share no pattern, whatever the image size, and the pattern's amplitude when
+    they do.
+    """
+    n = per_block.shape[-2]
+    power = per_block.abs() ** 2
+    if n < 2:
+        own = power.sum(dim=(-2, -1)).sqrt()
+        return own if n == 1 else torch.zeros_like(own)
+    shared = per_block.sum(dim=-2).abs() ** 2
+    cross = (shared.sum(dim=-1) - power.sum(dim=(-2, -1))) / (n * (n - 1))
+    return cross.sign() * cross.abs().sqrt()
 
 
 def debiased_strength(per_block: NDArray[Any]) -> float:
-    """Norm of the component shared by all blocks, without the upward bias noise gives a norm.
-
-    `per_block` is (n_blocks, k): one (possibly complex) k-vector per block, e.g. the period-8 harmonic of
-    each block's folded profile. The squared norm of their mean is biased up by noise (by variance/n, so it
-    depends on the number of blocks); the mean of the cross products between different blocks is not. Returns
-    the signed square root of that unbiased estimate: about 0 (either sign) when blocks share no pattern,
-    whatever the image size, and the pattern's amplitude when they do.
-    """
-    values = np.asarray(per_block)
-    if values.ndim == 1:
-        values = values[:, None]
-    n = values.shape[0]
-    if n < 2:
-        return float(np.sqrt(np.sum(np.abs(values) ** 2))) if n == 1 else 0.0
-    total = values.sum(axis=0)
-    cross = float(np.sum(np.abs(total) ** 2) - np.sum(np.abs(values) ** 2)) / (n * (n - 1))
-    return float(np.sign(cross) * np.sqrt(abs(cross)))
+    """`debiased_strengths` of one set of blocks given as a numpy array: (n_blocks, k), or (n_blocks,)."""
+    values = torch.from_numpy(np.asarray(per_block))
+    return float(debiased_strengths(values[:, None] if values.ndim == 1 else values))

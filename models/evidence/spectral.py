@@ -13,7 +13,9 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from scipy import fft, ndimage
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional name
+from torch import Tensor
 
 from models.evidence._common import EvidenceInputs, FloatArray, as_inputs, blocks, metric, summarise
 
@@ -36,8 +38,9 @@ PEAK_RATIO = float(-np.log(PEAK_FALSE_ALARM))
 NEIGHBOURHOOD = 7
 
 
-@lru_cache(maxsize=4)
-def _window_and_grid(tile: int) -> tuple[FloatArray, np.ndarray, np.ndarray]:
+@lru_cache(maxsize=8)
+def _window_and_grid(tile: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Hann window (tile, tile), radial frequency and rfft2 bin weights (tile, tile // 2 + 1) on `device`."""
     hann = np.hanning(tile).astype(np.float32)
     window = np.outer(hann, hann).astype(np.float32)
     fy = np.fft.fftfreq(tile)[:, None]
@@ -48,74 +51,97 @@ def _window_and_grid(tile: int) -> tuple[FloatArray, np.ndarray, np.ndarray]:
     weight[:, 0] = 1.0
     if tile % 2 == 0:
         weight[:, -1] = 1.0
-    return window, radius, weight
+    return (
+        torch.from_numpy(window).to(device),
+        torch.from_numpy(radius).to(device),
+        torch.from_numpy(weight).to(device),
+    )
 
 
-def spectral_evidence(crop: FloatArray | EvidenceInputs) -> dict[str, Any]:
-    """Spectral metrics of an RGB crop (side >= 64). Returns metric records plus a `summary` string.
+def _neighbourhood_mean(log_power: Tensor) -> Tensor:
+    """Mean over the NEIGHBOURHOOD x NEIGHBOURHOOD bins around each bin of (..., tile, tile // 2 + 1).
+
+    The full-frequency axis wraps around (it is periodic); the half axis of rfft2 is mirrored at its ends.
+    A box sum is a difference of running sums along each axis (two cumulative sums instead of 49 terms).
+    """
+    rows, cols = log_power.shape[-2:]
+    half = NEIGHBOURHOOD // 2
+    flat = log_power.reshape(-1, 1, rows, cols)
+    padded = F.pad(F.pad(flat, (0, 0, half, half), mode="circular"), (half, half, 0, 0), mode="reflect")
+    running = F.pad(padded.cumsum(dim=-2), (0, 0, 1, 0))
+    along_rows = running[..., NEIGHBOURHOOD:, :] - running[..., :-NEIGHBOURHOOD, :]
+    running = F.pad(along_rows.cumsum(dim=-1), (1, 0, 0, 0))
+    box = running[..., NEIGHBOURHOOD:] - running[..., :-NEIGHBOURHOOD]
+    return (box / (NEIGHBOURHOOD * NEIGHBOURHOOD)).reshape(log_power.shape)
+
+
+def spectral_measures(inputs: EvidenceInputs) -> dict[str, Tensor]:
+    """The spectral metrics of every crop of the batch, each a (B,) tensor on the batch's device.
 
     Band energies come from the Welch average of 64 px tiles. Peaks are judged per tile against the power
     expected from that tile's neighbouring frequency bins, so the per-tile peak count and strength have the
     same distribution for a small image as for a large one; they are averaged over tiles.
     """
-    residual = as_inputs(crop).luma_residual
-    tiles = blocks(residual, TILE)
-    tiles = tiles - tiles.mean(axis=(1, 2), keepdims=True)
-    window, radius, weight = _window_and_grid(TILE)
-    tile_power = np.abs(fft.rfft2(tiles * window, workers=1)) ** 2  # (n, 64, 33)
-    power = tile_power.mean(axis=0)
+    residual = inputs.luma_residual  # (B, H, W)
+    tiles = blocks(residual, TILE)  # (B, n, 64, 64)
+    tiles = tiles - tiles.mean(dim=(-2, -1), keepdim=True)
+    window, radius, weight = _window_and_grid(TILE, residual.device)
+    spectra: Tensor = torch.fft.rfft2(tiles * window)
+    tile_power = spectra.abs() ** 2  # (B, n, 64, 33)
+    power = tile_power.mean(dim=1).to(torch.float64)  # (B, 64, 33)
 
-    not_dc = radius > 0
-    total = float(np.sum(power * weight * not_dc)) or 1.0
-    mid = (radius >= MID_BAND[0]) & (radius < MID_BAND[1])
-    high = radius >= MID_BAND[1]
-    mid_energy = float(np.sum(power * weight * mid)) / total
-    high_energy = float(np.sum(power * weight * high)) / total
+    def band_sum(mask: Tensor) -> Tensor:
+        return (power * weight * mask).sum(dim=(-2, -1))
+
+    total = band_sum(radius > 0)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    mid_energy = band_sum((radius >= MID_BAND[0]) & (radius < MID_BAND[1])) / total
+    high_energy = band_sum(radius >= MID_BAND[1]) / total
 
     # Expected power per bin, from the tile itself: the mean of the log power over the 7x7 neighbouring bins
     # (the bin itself left out). For an exponential periodogram E[log P] = log E[P] - Euler's gamma. Using
     # each tile's own neighbourhood (not the Welch average) keeps the per-tile statistics independent of how
     # many tiles the image has, and texture that differs from tile to tile is not mistaken for periodic peaks.
-    log_power = np.log(tile_power + np.float32(1e-30))
+    log_power = torch.log(tile_power + 1e-30)
     window_bins = NEIGHBOURHOOD * NEIGHBOURHOOD
-    local = ndimage.uniform_filter(
-        log_power, size=(1, NEIGHBOURHOOD, NEIGHBOURHOOD), mode=["nearest", "wrap", "mirror"]
-    )
-    expected = np.exp((local * window_bins - log_power) / (window_bins - 1) + np.float32(np.euler_gamma))
-    searched = radius >= LOW_CUTOFF
-    ratios = tile_power[:, searched] / np.maximum(expected[:, searched], np.float32(1e-30))
-    peak_count = float(np.mean(np.count_nonzero(ratios > PEAK_RATIO, axis=1)))
-    peak_strength = float(np.mean(np.log10(np.maximum(ratios.max(axis=1), 1e-12))))
-    level = float(residual.std()) * 255.0
+    others = _neighbourhood_mean(log_power) * window_bins - log_power
+    expected = torch.exp(others / (window_bins - 1) + float(np.euler_gamma))
+    # Bins below LOW_CUTOFF are not searched: their ratio is set to 0, which neither counts nor wins a max.
+    ratios = torch.where(radius >= LOW_CUTOFF, tile_power / expected.clamp_min(1e-30), 0.0)
+    peak_count = (ratios > PEAK_RATIO).sum(dim=(-2, -1)).to(torch.float64).mean(dim=1)
+    peak_strength = torch.log10(ratios.amax(dim=(-2, -1)).clamp_min(1e-12)).to(torch.float64).mean(dim=1)
+    flat = residual.flatten(1)
+    level = (flat - flat.mean(dim=1, keepdim=True)).square().mean(dim=1).sqrt() * 255.0  # population std
+    return {
+        "residual_level": level,
+        "mid_energy": mid_energy,
+        "high_energy": high_energy,
+        "peak_count": peak_count,
+        "peak_strength": peak_strength,
+    }
 
+
+def spectral_records(values: dict[str, float]) -> dict[str, Any]:
+    """Readable records (value, camera ranges, meaning) of one image's spectral metrics, and a summary."""
+    meanings = {
+        "residual_level": "std of the 4-neighbour high-pass residual of luma, in 8-bit grey levels",
+        "mid_energy": "share of residual spectrum energy at 0.125-0.375 cycles/pixel",
+        "high_energy": "share of residual spectrum energy above 0.375 cycles/pixel",
+        "peak_count": f"residual spectrum bins per 64 px tile above {PEAK_RATIO:.1f}x their expected power "
+        "(chance 1e-4 per bin): periodic traces",
+        "peak_strength": "log10 of the strongest bin over its expected power, mean over 64 px tiles",
+    }
     metrics = {
-        "residual_level": metric(
-            GROUP,
-            "residual_level",
-            level,
-            "std of the 4-neighbour high-pass residual of luma, in 8-bit grey levels",
-        ),
-        "mid_energy": metric(
-            GROUP, "mid_energy", mid_energy, "share of residual spectrum energy at 0.125-0.375 cycles/pixel"
-        ),
-        "high_energy": metric(
-            GROUP, "high_energy", high_energy, "share of residual spectrum energy above 0.375 cycles/pixel"
-        ),
-        "peak_count": metric(
-            GROUP,
-            "peak_count",
-            peak_count,
-            f"residual spectrum bins per 64 px tile above {PEAK_RATIO:.1f}x their expected power "
-            "(chance 1e-4 per bin): periodic traces",
-            digits=6,
-        ),
-        "peak_strength": metric(
-            GROUP,
-            "peak_strength",
-            peak_strength,
-            "log10 of the strongest bin over its expected power, mean over 64 px tiles",
-        ),
+        key: metric(GROUP, key, values[key], meaning, digits=6 if key == "peak_count" else 4)
+        for key, meaning in meanings.items()
     }
     result: dict[str, Any] = dict(metrics)
     result["summary"] = summarise("Noise-residual spectrum", metrics, ["mid_energy", "peak_count"])
     return result
+
+
+def spectral_evidence(crop: FloatArray | EvidenceInputs) -> dict[str, Any]:
+    """Spectral records of one RGB crop (side >= 64), or of the first crop of a batch."""
+    return spectral_records(
+        {key: float(value[0]) for key, value in spectral_measures(as_inputs(crop)).items()}
+    )

@@ -270,3 +270,47 @@ def test_evidence_memo_gives_the_same_detections(shipped):
     for a, b, c in zip(plain, first, second, strict=True):
         assert a.score == b.score == c.score
         assert a.evidence == b.evidence == c.evidence
+
+
+def test_evidence_is_measured_per_batch_and_one_failure_spoils_nothing_else(shipped, monkeypatch):
+    images = [photo("astronaut.png", 192), photo("coffee.png", 96), photo("chelsea.png", 160)]
+    alone = [shipped.detect([image])[0] for image in images]
+    calls: list[int] = []
+    measure = models.detector.pixel_evidence_batch
+
+    def failing_on_96_px(crops, device="cpu"):
+        calls.append(len(crops))
+        if any(crop.shape[0] == 96 for crop in crops):
+            raise RuntimeError("simulated failure of the evidence of a 96 px crop")
+        return measure(crops, device)
+
+    monkeypatch.setattr(models.detector, "pixel_evidence_batch", failing_on_96_px)
+    monkeypatch.setattr(shipped, "evidence_batch", 8)  # as on a GPU: the whole batch in one call
+    together = shipped.detect(images)
+    # The whole batch in one call first; after the failure, one call per image.
+    assert calls == [3, 1, 1, 1]
+    for index in (0, 2):
+        assert together[index].evidence == alone[index].evidence
+        assert together[index].score == pytest.approx(alone[index].score, abs=1e-6)
+    failed = together[1]
+    assert failed.verdict in {"real", "uncertain", "generated"}
+    assert failed.evidence["learned"]["crops"] >= 1  # the CNN still scored it
+    assert "simulated failure" in failed.evidence["grid"]["error"]
+    assert any("hand-made evidence failed" in reason for reason in failed.reasons)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (evidence measured on the GPU)"
+)
+def test_evidence_on_cuda_reads_like_on_cpu():
+    images = [photo("astronaut.png", 512), photo("coffee.png", 256)]
+    on_cpu = create_detector("synthguard-v1", device="cpu").detect(images)
+    on_cuda = create_detector("synthguard-v1", device="cuda").detect(images)
+    for cpu, cuda in zip(on_cpu, on_cuda, strict=True):
+        for group in ("spectral", "color", "grid"):
+            for key, record in cpu.evidence[group].items():
+                if key == "summary":
+                    continue
+                assert cuda.evidence[group][key]["value"] == pytest.approx(
+                    record["value"], rel=0.01, abs=1e-3
+                ), (group, key)

@@ -15,7 +15,13 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from models.evidence import FEATURE_NAMES, calibrate_ranges, evidence_features, pixel_evidence
+from models.evidence import (
+    FEATURE_NAMES,
+    calibrate_ranges,
+    evidence_features,
+    pixel_evidence,
+    pixel_evidence_batch,
+)
 from models.evidence._common import RANGES_PATH, debiased_strength
 from models.preprocess import center_crop, to_rgb_array
 
@@ -335,3 +341,15 @@ if __name__ == "__main__":
     # Re-record only when a metric's definition changes on purpose (bump EVIDENCE_VERSION and the ranges).
     reference = json.dumps(_reference_values(), indent=1, sort_keys=True)
     REFERENCE_PATH.write_text(reference + "\n", encoding="utf-8")
+
+
+def test_a_batch_of_crops_reads_like_each_crop_alone() -> None:
+    crops = [_scene(256, seed=20), _decoder_like(128, seed=21), _scene(256, seed=22), _noise(128, seed=23)]
+    together = pixel_evidence_batch(crops)
+    for crop, batched in zip(crops, together, strict=True):
+        alone = pixel_evidence(crop)
+        assert set(batched) == set(alone) == set(GROUPS)
+        for group in GROUPS:
+            for key, record in alone[group].items():
+                if key != "summary":
+                    assert batched[group][key]["value"] == pytest.approx(record["value"], rel=1e-4, abs=1e-6)
