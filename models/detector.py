@@ -65,9 +65,9 @@ def evidence_vector(
     return evidence, evidence_features(evidence)
 
 
-#: Evidence crops measured together on a GPU: bounds the device memory of the evidence (a few hundred MB for
-#: 32 crops of 512 px) whatever the detection batch size. On the CPU crops are measured one at a time, which
-#: keeps each one's arrays in the processor's caches.
+#: Evidence crops measured together on a GPU: bounds the device memory of the evidence (about 0.7 GB at the
+#: peak for 32 crops of 512 px, measured on the CPU) whatever the detection batch size. On the CPU crops are
+#: measured one at a time, which keeps each one's arrays in the processor's caches.
 EVIDENCE_BATCH_GPU = 32
 
 
