@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.data import build_pixel_cache, largest_sources, read_manifest
-from models.evaluation import leave_one_source_out, summarise_folds
+from models.evaluation import fold_dir_name, leave_one_source_out, summarise_folds
 from models.nets import NetConfig
 from models.training import Augmentation, TrainConfig, pixel_cache_path, reconstructions
 
@@ -105,10 +105,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     # for both classes alike: the dev set's JPEG sources differ by it, and Pillow's default is always 4:2:0.
     "chroma": {"augmentation": Augmentation(chroma_subsampling=(0, 1, 2))},
 }
-
-
-def fold_dir_name(source: str) -> str:
-    return source.replace(":", "__").replace("/", "_")
 
 
 def run_fold(

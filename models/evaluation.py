@@ -246,6 +246,11 @@ def fold_test_rows(
     return [r for r in rows if r.source == source] + [rows[i] for i in counterpart], counterpart
 
 
+def fold_dir_name(source: str) -> str:
+    """The folder of a leave-one-source-out fold: the held-out source's key, made safe as a file name."""
+    return source.replace(":", "__").replace("/", "_")
+
+
 def leave_one_source_out(
     manifest: Path,
     out_dir: Path,
@@ -272,7 +277,7 @@ def leave_one_source_out(
     evidence_cache: dict[bytes, Any] = {}  # the hand-made evidence does not depend on the fold's model
     summary_path = out_dir / "loso_summary.json"
     for source in chosen:
-        fold_dir = out_dir / source.replace(":", "__").replace("/", "_")
+        fold_dir = out_dir / fold_dir_name(source)
         test_rows, counterpart = fold_test_rows(rows, source, train_config.seed, counterpart_fraction)
         config = replace(
             train_config,
