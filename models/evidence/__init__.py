@@ -90,6 +90,16 @@ def evidence_crop(rgb: NDArray[np.float32], grid_offset: tuple[int, int] = (0, 0
     return center_crop(rgb, ANALYSIS_SIDE, grid_offset)
 
 
+Measures = Callable[[EvidenceInputs], dict[str, torch.Tensor]]
+Records = Callable[[dict[str, float]], dict[str, Any]]
+#: Each group's measures (tensors, one value per crop of a batch) and its readable records (one image).
+_GROUPS: dict[str, tuple[Measures, Records]] = {
+    "spectral": (spectral_measures, spectral_records),
+    "color": (color_measures, color_records),
+    "grid": (grid_measures, grid_records),
+}
+
+
 def pixel_evidence_batch(
     crops: Sequence[NDArray[np.float32]], device: torch.device | str = "cpu"
 ) -> list[dict[str, dict[str, Any]]]:
@@ -111,14 +121,6 @@ def pixel_evidence_batch(
                 values[group][key] = value
             results[index] = {group: _GROUPS[group][1](values[group]) for group in groups}
     return [results[index] for index in range(len(crops))]
-
-
-_GROUPS: dict[str, tuple[Callable[[EvidenceInputs], dict[str, torch.Tensor]], Callable[..., dict[str, Any]]]]
-_GROUPS = {
-    "spectral": (spectral_measures, spectral_records),
-    "color": (color_measures, color_records),
-    "grid": (grid_measures, grid_records),
-}
 
 
 def evidence_features(evidence: dict[str, dict[str, Any]]) -> NDArray[np.float32]:
