@@ -109,6 +109,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "steps_third": {"steps": 1167},
     # AdamW weight decay 1e-2 (PyTorch's default) instead of 1e-4: a stronger pull towards small weights.
     "wd1e2": {"weight_decay": 1e-2},
+    # `wd1e2` with other initial weights and draws (same splits), against `shipped_init1`: informational.
+    "wd1e2_init1": {"weight_decay": 1e-2, "init_seed": 1},
 }
 
 
