@@ -311,6 +311,9 @@ def test_evidence_on_cuda_reads_like_on_cpu():
             for key, record in cpu.evidence[group].items():
                 if key == "summary":
                     continue
+                # A peak count is a count of bins past a threshold: float rounding can move a bin or two
+                # across it, 1/64 per bin with the 64 tiles of a 512 px crop.
+                slack = 0.1 if key == "peak_count" else 1e-3
                 assert cuda.evidence[group][key]["value"] == pytest.approx(
-                    record["value"], rel=0.01, abs=1e-3
+                    record["value"], rel=0.01, abs=slack
                 ), (group, key)
