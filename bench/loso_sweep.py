@@ -39,6 +39,8 @@ V1_1_DRAWS: dict[str, Any] = {"source_weight_power": 0.5}
 CROP128: dict[str, Any] = {"crop_size": 128, "batch_size": 16}
 #: A rescaling history on 30% of the training crops of both classes (`Augmentation.resize_p`).
 RESCALED: dict[str, Any] = {"augmentation": Augmentation(resize_p=0.3)}
+#: AdamW weight decay 1e-2 (PyTorch's default) instead of the shipped 1e-4.
+STRONG_DECAY: dict[str, Any] = {"weight_decay": 1e-2}
 
 #: Recipe name -> changes to the shipped `TrainConfig`. `shipped` is the recipe of the committed weights.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -107,10 +109,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # A third of the shipped optimiser steps (same schedule, compressed): `steps3x` gained nothing on unseen
     # sources, so fewer steps may fit the training sources' particulars less.
     "steps_third": {"steps": 1167},
-    # AdamW weight decay 1e-2 (PyTorch's default) instead of 1e-4: a stronger pull towards small weights.
-    "wd1e2": {"weight_decay": 1e-2},
+    # AdamW weight decay 1e-2 instead of 1e-4: a stronger pull towards small weights.
+    "wd1e2": STRONG_DECAY,
     # `wd1e2` with other initial weights and draws (same splits), against `shipped_init1`: informational.
-    "wd1e2_init1": {"weight_decay": 1e-2, "init_seed": 1},
+    "wd1e2_init1": {**STRONG_DECAY, "init_seed": 1},
 }
 
 

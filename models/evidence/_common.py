@@ -54,18 +54,16 @@ class EvidenceInputs:
     """A batch of same-size RGB crops on one device, and the arrays several evidence groups need from them
     (luma, residuals), each computed once."""
 
-    def __init__(self, crops: Tensor, planar: bool = False) -> None:
-        """`crops`: (B, H, W, 3) float32 in [0, 1] as `preprocess` makes them, or (B, 3, H, W) when `planar`,
-        on the device to compute on."""
-        planes = crops if planar else crops.permute(0, 3, 1, 2)
-        self.planes = planes.to(torch.float32).contiguous()  # (B, 3, H, W)
+    def __init__(self, planes: Tensor) -> None:
+        """`planes`: (B, 3, H, W) float32 in [0, 1], on the device to compute on."""
+        self.planes = planes.to(torch.float32).contiguous()
 
     @classmethod
     def of(cls, crops: Sequence[FloatArray], device: torch.device | str = "cpu") -> EvidenceInputs:
         """Inputs for same-size (H, W, 3) float32 crops (numpy), stacked on `device`."""
         # One copy into planar (B, 3, H, W) layout, straight from the (possibly strided) crop views.
         planes = np.stack([np.asarray(c, dtype=np.float32).transpose(2, 0, 1) for c in crops])
-        return cls(torch.from_numpy(planes).to(device), planar=True)
+        return cls(torch.from_numpy(planes).to(device))
 
     @cached_property
     def luma(self) -> Tensor:
