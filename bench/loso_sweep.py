@@ -113,7 +113,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "wd1e2": STRONG_DECAY,
     # `wd1e2` with other initial weights and draws (same splits), against `shipped_init1`: informational.
     "wd1e2_init1": {**STRONG_DECAY, "init_seed": 1},
+    # `shipped`'s fold networks, recalibrated: the detector reads the 8 most textured of 64 grid crops.
+    "textured": {"crop_candidates": 64},
 }
+
+#: Recipes that change only what happens after training: they reuse the named recipe's fold networks
+#: (`OUT/<that recipe>/<fold>/weights.pt`, which must exist) and only calibrate them again.
+NETWORKS_FROM: dict[str, str] = {"textured": "shipped"}
 
 
 def run_fold(
@@ -140,6 +146,7 @@ def run_fold(
         sources=[source],
         taef2_dir=Path(taef2_dir) if taef2_dir else None,
         cache_dir=cache_dir,
+        networks_from=out_dir / NETWORKS_FROM[recipe] if recipe in NETWORKS_FROM else None,
         log=lines.append,
     )
     (out_dir / recipe / fold_dir_name(source) / "log.txt").write_text("\n".join(lines) + "\n")

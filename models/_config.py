@@ -24,6 +24,9 @@ class DetectorCfg:
         weights_sha256: pinned sha256 of the weights file; a mismatch is refused.
         crop_size: side of the native-resolution crops the CNN reads (never resized).
         max_crops: how many crops per image are read and aggregated.
+        crop_candidates: 0 spreads the `max_crops` crops evenly over the image; N > max_crops reads the
+            `max_crops` most textured of N evenly spread candidates. The thresholds were set with the same
+            choice, so the weights file records it and a mismatch is refused.
         threshold_generated: score at or above which the verdict is "generated".
         threshold_uncertain: score at or above which (and below `threshold_generated`) the verdict is
             "uncertain".
@@ -43,6 +46,7 @@ class DetectorCfg:
     threshold_uncertain: float
     feature_names: tuple[str, ...]
     families: tuple[str, ...] = ("real", "diffusion", "gan")
+    crop_candidates: int = 0
     licence: str = "Apache-2.0"
     training_summary: str = ""
 

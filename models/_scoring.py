@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from models.errors import DetectorError
 from models.nets import ResidualNet, generated_logit
-from models.preprocess import native_crops
+from models.preprocess import textured_crops
 
 FloatArray = NDArray[np.float32]
 
@@ -45,14 +45,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def crop_tensor(
-    rgb: FloatArray, size: int, max_crops: int, grid_offset: tuple[int, int] = (0, 0)
+    rgb: FloatArray,
+    size: int,
+    max_crops: int,
+    grid_offset: tuple[int, int] = (0, 0),
+    candidates: int = 0,
 ) -> torch.Tensor:
     """Deterministic lattice-aligned native crops of an HxWx3 float image as (K, 3, S, S); never resized.
+
+    With `candidates` above `max_crops`, the `max_crops` most textured of that many grid crops
+    (`textured_crops`); otherwise `max_crops` crops spread evenly (`native_crops`).
 
     Raises:
         ImageTooSmallError: a side is shorter than `models.preprocess.MIN_SIDE`.
     """
-    crops = native_crops(rgb, size, max_crops, grid_offset=grid_offset)
+    crops = textured_crops(rgb, size, max_crops, candidates, grid_offset=grid_offset)
     stacked = np.stack([np.ascontiguousarray(c) for c in crops]).astype(np.float32, copy=False)
     return torch.from_numpy(stacked).permute(0, 3, 1, 2)
 

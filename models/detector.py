@@ -107,6 +107,7 @@ def cfg_from_weights(path: Path, name: str = "synthguard-local", version: str = 
         weights_sha256=sha,
         crop_size=int(payload["crop_size"]),
         max_crops=int(payload["max_crops"]),
+        crop_candidates=int(payload.get("crop_candidates", 0)),
         threshold_generated=float(payload["thresholds"]["generated"]),
         threshold_uncertain=float(payload["thresholds"]["uncertain"]),
         feature_names=fusion.feature_names,
@@ -143,6 +144,12 @@ class Detector:
         if int(payload["crop_size"]) != cfg.crop_size:
             raise WeightsError(
                 f"weights were trained on {payload['crop_size']} px crops, config says {cfg.crop_size}"
+            )
+        # Weights saved before the crop choice existed read evenly spread crops.
+        if int(payload.get("crop_candidates", 0)) != cfg.crop_candidates:
+            raise WeightsError(
+                f"weights were calibrated on crops chosen from {payload.get('crop_candidates', 0)} "
+                f"candidates, config says {cfg.crop_candidates}"
             )
         if tuple(payload["families"]) != FAMILIES:
             raise WeightsError(f"weights have classes {payload['families']}, expected {FAMILIES}")
@@ -202,7 +209,9 @@ class Detector:
             pixels = prepare_image(image)
             rgb = pixels.rgb
             prepared.size = (int(rgb.shape[1]), int(rgb.shape[0]))
-            prepared.crops = crop_tensor(rgb, self.cfg.crop_size, self.cfg.max_crops, pixels.grid_offset)
+            prepared.crops = crop_tensor(
+                rgb, self.cfg.crop_size, self.cfg.max_crops, pixels.grid_offset, self.cfg.crop_candidates
+            )
             prepared.reasons.extend(pixels.notes)
         except DetectorError as exc:
             prepared.unanalysable = True

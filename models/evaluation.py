@@ -260,6 +260,7 @@ def leave_one_source_out(
     taef2_dir: Path | None = None,
     counterpart_fraction: float = COUNTERPART_FRACTION,
     cache_dir: Path = Path("runs/cache"),
+    networks_from: Path | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Train one model per held-out source and evaluate it on that source against unseen other-class images.
@@ -267,9 +268,17 @@ def leave_one_source_out(
     `sources` defaults to the 5 largest fake and 3 largest real sources. Each fold's verdicts use that fold's
     own threshold, set (as for the shipped model) from its calibration reals only. Results go to
     `out_dir/<fold>/eval.json` and `out_dir/loso_summary.json`.
+
+    With `networks_from` (another run's `out_dir`, trained with the same seed and recipe up to its
+    detection-time settings) each fold's network is taken from there and only calibrated again under
+    `train_config`, so a change in which crops are read or where the thresholds sit is measured on the very
+    same networks.
+
+    Raises:
+        WeightsError: a fold of `networks_from` has no weights.
     """
     from models.detector import detector_from_weights  # noqa: PLC0415 - avoids a cycle at import
-    from models.training import train  # noqa: PLC0415
+    from models.training import recalibrate, train  # noqa: PLC0415
 
     rows = read_manifest(manifest)
     chosen = list(sources) or largest_sources(rows)
@@ -286,7 +295,10 @@ def leave_one_source_out(
         )
         log(f"== fold {source}: training without it and without {len(counterpart)} test counterparts")
         weights = fold_dir / "weights.pt"
-        if not weights.is_file():
+        if not weights.is_file() and networks_from is not None:
+            source_weights = networks_from / fold_dir_name(source) / "weights.pt"
+            recalibrate(source_weights, manifest, fold_dir, config, cache_dir=cache_dir, log=log)
+        elif not weights.is_file():
             train(manifest, fold_dir, config, taef2_dir=taef2_dir, cache_dir=cache_dir, log=log)
         detector = detector_from_weights(weights)
         detector.evidence_cache = evidence_cache

@@ -120,6 +120,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     crop_size: int = CROP_SIZE
     max_crops: int = DEFAULT_MAX_CROPS
+    #: At detection (and calibration), 0 reads `max_crops` crops spread evenly over the image; N > max_crops
+    #: lays out N grid candidates and reads the `max_crops` most textured (`preprocess.textured_crops`).
+    #: Training crops are drawn at random either way.
+    crop_candidates: int = 0
     calibration_fraction: float = 0.15
     reconstruction_share: float = 0.25
     reconstruction_side: int = 192
@@ -387,14 +391,13 @@ COMPRESSION_FEATURES = frozenset({"grid.jpeg_blockiness", "grid.jpeg_phase_share
 FUSION_VARIANTS = 3
 
 
-def image_inputs(
-    pixels: NDArray[np.uint8], crop_size: int, max_crops: int
-) -> tuple[torch.Tensor, NDArray[np.float32]]:
+def image_inputs(pixels: NDArray[np.uint8], config: TrainConfig) -> tuple[torch.Tensor, NDArray[np.float32]]:
     """Crops and evidence features of one image, computed by the detector's own code."""
     from models.detector import evidence_vector  # noqa: PLC0415 - avoids an import cycle at module load
 
     rgb = _rgb_float(pixels)
-    return crop_tensor(rgb, crop_size, max_crops), evidence_vector(rgb)[1]
+    crops = crop_tensor(rgb, config.crop_size, config.max_crops, candidates=config.crop_candidates)
+    return crops, evidence_vector(rgb)[1]
 
 
 def condition_pixels(pixels: NDArray[np.uint8], condition: str) -> NDArray[np.uint8]:
@@ -457,14 +460,12 @@ def calibrate(
             continue
         for _ in range(FUSION_VARIANTS):
             variant = history_variant(image, is_lossless, config.augmentation, rng)
-            crop, feature = image_inputs(variant, config.crop_size, config.max_crops)
+            crop, feature = image_inputs(variant, config)
             fit_crops.append(crop)
             fit_features.append(feature[used])
             fit_labels.append(label)
         for condition in CONDITIONS:
-            crop, feature = image_inputs(
-                condition_pixels(image, condition), config.crop_size, config.max_crops
-            )
+            crop, feature = image_inputs(condition_pixels(image, condition), config)
             eval_crops.append(crop)
             eval_features.append(feature[used])
             eval_labels.append(label)
@@ -620,18 +621,90 @@ def train(
         ]
         n_recon = len(recon)
     net = train_net(samples, config, log)
-    fusion, thresholds, stats = calibrate(
-        net,
-        [cache.images[i] for i in cal_idx],
-        [int(rows[i].is_fake) for i in cal_idx],
-        lossless=[rows[i].file_format in LOSSLESS_FORMATS for i in cal_idx],
-        config=config,
-        log=log,
-    )
     summary: dict[str, Any] = {
         "manifest": str(manifest),
         "training_images": len(train_idx),
         "reconstructions": n_recon,
+    }
+    return _calibrate_and_save(
+        net,
+        [cache.images[i] for i in cal_idx],
+        [rows[i] for i in cal_idx],
+        config=config,
+        out_dir=out_dir,
+        summary=summary,
+        started=started,
+        log=log,
+    )
+
+
+def recalibrate(
+    weights: Path,
+    manifest: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    cache_dir: Path = Path("runs/cache"),
+    log: Log = print,
+) -> Path:
+    """Calibrate a trained network again under `config`'s detection-time settings (crop choice, threshold
+    margin, evidence fusion) and save it as `out_dir/weights.pt`; the network's tensors are unchanged.
+
+    `config` must define the calibration split the network was trained beside (same seed and exclusions),
+    or the calibration images may include its training images; the saved summary names the source file.
+
+    Raises:
+        WeightsError: `weights` is missing or unreadable.
+        ManifestError: the manifest is unusable.
+    """
+    from models.detector import load_weights  # noqa: PLC0415 - avoids an import cycle at module load
+
+    config = replace(config, device=training_device(config.device))
+    torch.set_num_threads(config.threads)
+    started = time.monotonic()
+    payload, sha256 = load_weights(weights, None)
+    net = ResidualNet(NetConfig.from_dict(payload["net_config"]))
+    net.load_state_dict(payload["state_dict"], strict=True)
+    net.eval().to(config.device)  # in training mode, calibration would move the batch-norm statistics
+    rows = read_manifest(manifest)
+    cache = build_pixel_cache(rows, pixel_cache_path(rows, cache_dir))
+    _, cal_idx = training_split(rows, config)
+    kept = ("manifest", "training_images", "reconstructions")
+    summary = {key: payload["training"][key] for key in kept if key in payload["training"]}
+    summary["recalibrated_from"] = {"path": str(weights), "sha256": sha256}
+    return _calibrate_and_save(
+        net,
+        [cache.images[i] for i in cal_idx],
+        [rows[i] for i in cal_idx],
+        config=config,
+        out_dir=out_dir,
+        summary=summary,
+        started=started,
+        log=log,
+    )
+
+
+def _calibrate_and_save(
+    net: ResidualNet,
+    images: Sequence[NDArray[np.uint8]],
+    cal_rows: Sequence[ManifestRow],
+    *,
+    config: TrainConfig,
+    out_dir: Path,
+    summary: dict[str, Any],
+    started: float,
+    log: Log,
+) -> Path:
+    fusion, thresholds, stats = calibrate(
+        net,
+        images,
+        [int(row.is_fake) for row in cal_rows],
+        lossless=[row.file_format in LOSSLESS_FORMATS for row in cal_rows],
+        config=config,
+        log=log,
+    )
+    summary = {
+        **summary,
         "calibration": stats,
         "excluded_sources": sorted(set(config.exclude_sources)),
         "minutes": round((time.monotonic() - started) / 60, 2),
@@ -647,6 +720,7 @@ def train(
         thresholds=thresholds,
         crop_size=config.crop_size,
         max_crops=config.max_crops,
+        crop_candidates=config.crop_candidates,
         summary=summary,
     )
     (out_dir / "train_summary.json").write_text(
@@ -675,6 +749,7 @@ def save_weights(
     crop_size: int,
     max_crops: int,
     summary: dict[str, Any],
+    crop_candidates: int = 0,
 ) -> None:
     """Write a weights file that `torch.load(weights_only=True)` reads: tensors, numbers, strings, lists,
     dicts.
@@ -689,6 +764,7 @@ def save_weights(
         "thresholds": dict(thresholds),
         "crop_size": crop_size,
         "max_crops": max_crops,
+        "crop_candidates": crop_candidates,
         "training": json.loads(json.dumps(_jsonable(summary))),
     }
     torch.save(payload, path)

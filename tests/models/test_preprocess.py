@@ -17,8 +17,10 @@ from models.preprocess import (
     MIN_SIDE,
     center_crop,
     crop_side,
+    crop_texture,
     native_crops,
     prepare_image,
+    textured_crops,
     to_rgb_array,
 )
 
@@ -333,3 +335,26 @@ def _locate(full: np.ndarray, crop: np.ndarray) -> tuple[int, int]:
             if np.array_equal(full[top : top + height, left : left + width], crop):
                 return top, int(left)
     pytest.fail("crop is not an exact slice of the image")
+
+
+def test_textured_crops_are_read_where_the_image_has_texture():
+    rng = np.random.default_rng(4)
+    rgb = np.full((192, 256, 3), 0.5, dtype=np.float32)
+    rgb[:, 128:] = rng.random((192, 128, 3), dtype=np.float32)  # the right half is textured, the left flat
+    crops = textured_crops(rgb, 64, 4, 24, grid_offset=(0, 0))
+    assert len(crops) == 4
+    assert all(crop_texture(c) > 0.1 for c in crops)
+    assert crop_texture(rgb[:64, :64]) == 0.0
+    # Every chosen crop is one of the grid candidates, read in grid order, still on the 8-pixel lattice.
+    candidates = native_crops(rgb, 64, 24)
+    positions = [next(i for i, c in enumerate(candidates) if np.array_equal(c, crop)) for crop in crops]
+    assert positions == sorted(positions)
+
+
+def test_textured_crops_without_more_candidates_are_the_even_grid():
+    rgb = np.random.default_rng(5).random((200, 300, 3), dtype=np.float32)
+    for candidates in (0, 4, 6):
+        chosen = textured_crops(rgb, 64, 6, candidates, grid_offset=(0, 0))
+        expected = native_crops(rgb, 64, 6)
+        assert len(chosen) == len(expected)
+        assert all(np.array_equal(a, b) for a, b in zip(chosen, expected, strict=True))

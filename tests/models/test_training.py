@@ -23,6 +23,7 @@ from models.training import (
     TrainConfig,
     augmented_crop,
     real_thresholds,
+    recalibrate,
     sampling_probabilities,
     split_calibration,
     train,
@@ -108,6 +109,66 @@ def test_training_is_reproducible_with_a_seed(tmp_path):
     state_a = torch.load(first, weights_only=True)["state_dict"]
     state_b = torch.load(second, weights_only=True)["state_dict"]
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_recalibrating_for_textured_crops_keeps_the_network_and_records_the_choice(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data", size=160)
+    trained = train(manifest, tmp_path / "a", TINY, cache_dir=tmp_path / "cache", log=lambda _: None)
+    config = replace(TINY, crop_candidates=9)
+    quiet = {"cache_dir": tmp_path / "cache", "log": lambda _: None}
+    again = recalibrate(trained, manifest, tmp_path / "b", config, **quiet)
+    before = torch.load(trained, weights_only=True)
+    after = torch.load(again, weights_only=True)
+    assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
+    assert (before["crop_candidates"], after["crop_candidates"]) == (0, 9)
+    assert after["training"]["recalibrated_from"]["path"] == str(trained)
+    summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
+    assert summary["config"]["crop_candidates"] == 9
+    assert summary["calibration"]["calibration_images"] == 4
+    detector = detector_from_weights(again, device="cpu")
+    assert detector.cfg.crop_candidates == 9
+    image = Image.fromarray(_camera_like(np.random.default_rng(8), 160))
+    (detection,) = detector.detect([image])
+    assert detection.decided_by == "pixels"
+    assert detection.evidence["learned"]["crops"] == 4
+
+
+def test_a_sweep_can_recalibrate_another_runs_fold_networks(tmp_path):
+    from models.detector import WeightsError
+    from models.evaluation import fold_dir_name, leave_one_source_out
+
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=10, size=160)
+    source = "fake:github:test/fake-0"
+    quiet = {"sources": [source], "cache_dir": tmp_path / "cache", "log": lambda _: None}
+    config = replace(TINY, steps=2)
+    leave_one_source_out(manifest, tmp_path / "grid", train_config=config, **quiet)
+    textured = replace(config, crop_candidates=9)
+    summary = leave_one_source_out(
+        manifest, tmp_path / "textured", train_config=textured, networks_from=tmp_path / "grid", **quiet
+    )
+    assert list(summary["folds"]) == [source]
+    fold = fold_dir_name(source)
+    before = torch.load(tmp_path / "grid" / fold / "weights.pt", weights_only=True)
+    after = torch.load(tmp_path / "textured" / fold / "weights.pt", weights_only=True)
+    assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
+    assert after["crop_candidates"] == 9
+    assert after["training"]["recalibrated_from"]["path"] == str(tmp_path / "grid" / fold / "weights.pt")
+    assert (tmp_path / "textured" / fold / "eval.json").is_file()
+    with pytest.raises(WeightsError, match="does not exist"):
+        leave_one_source_out(
+            manifest, tmp_path / "other", train_config=textured, networks_from=tmp_path / "missing", **quiet
+        )
+
+
+def test_weights_calibrated_on_other_crops_than_the_config_reads_are_refused(tmp_path):
+    from models._config import DetectorCfg
+    from models.detector import Detector, WeightsError, cfg_from_weights
+
+    manifest = write_tiny_manifest(tmp_path / "data")
+    trained = train(manifest, tmp_path / "a", TINY, cache_dir=tmp_path / "cache", log=lambda _: None)
+    cfg: DetectorCfg = replace(cfg_from_weights(trained), crop_candidates=64)
+    with pytest.raises(WeightsError, match="candidates"):
+        Detector(cfg, device="cpu")
 
 
 def test_weights_with_larger_crops_score_a_batch_that_mixes_in_a_smaller_image(tmp_path):
