@@ -59,7 +59,7 @@ from models.data import (
 )
 from models.errors import DetectorError
 from models.nets import FAMILIES, NetConfig, ResidualNet
-from models.preprocess import CROP_ALIGN
+from models.preprocess import CROP_ALIGN, crop_texture
 
 WEIGHTS_FORMAT = "synthguard-weights/1"
 CROP_SIZE = 64
@@ -101,6 +101,10 @@ class Augmentation:
     #: so chroma resolution is a trace of the saving software that can stand for a source. Empty in the
     #: shipped recipe (Pillow's default); when empty, no random number is drawn for it.
     chroma_subsampling: tuple[int, ...] = ()
+    #: The crop is the most textured (`preprocess.crop_texture`) of this many positions drawn alike, both
+    #: classes alike: the CNN's log-odds say little on flat crops (MODEL_CARD.md, "Which crops the detector
+    #: reads"). 1 in the shipped recipe: one position is drawn, as before this option existed.
+    texture_candidates: int = 1
     flip_p: float = 0.5
 
 
@@ -197,9 +201,7 @@ def augmented_crop(
         lossless = True
     else:
         step = 1 if rng.random() < aug.off_lattice_p else CROP_ALIGN
-        top = step * int(rng.integers(0, (height - size) // step + 1))
-        left = step * int(rng.integers(0, (width - size) // step + 1))
-        crop = np.ascontiguousarray(pixels[top : top + size, left : left + size])
+        crop = _textured_position(pixels, size, step, aug.texture_candidates, rng)
     if rng.random() < aug.flip_p:
         crop = np.ascontiguousarray(crop[:, ::-1])
     if aug.blur_p > 0 and rng.random() < aug.blur_p:
@@ -210,6 +212,22 @@ def augmented_crop(
     if rng.random() < aug.final_jpeg_p:
         crop = _recompress(crop, aug.final_quality, aug, rng)
     return crop
+
+
+def _textured_position(
+    pixels: NDArray[np.uint8], size: int, step: int, candidates: int, rng: np.random.Generator
+) -> NDArray[np.uint8]:
+    """A crop at a random multiple of `step`; with `candidates` > 1, the most textured of that many."""
+    height, width = pixels.shape[:2]
+    crops = []
+    for _ in range(max(1, candidates)):
+        top = step * int(rng.integers(0, (height - size) // step + 1))
+        left = step * int(rng.integers(0, (width - size) // step + 1))
+        crops.append(pixels[top : top + size, left : left + size])
+    if len(crops) == 1:
+        return np.ascontiguousarray(crops[0])
+    texture = [crop_texture(crop.astype(np.float32) / np.float32(255.0)) for crop in crops]
+    return np.ascontiguousarray(crops[int(np.argmax(texture))])
 
 
 def split_calibration(rows: Sequence[ManifestRow], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -250,6 +250,7 @@ def test_augmentation_never_depends_on_the_class():
         blur_p=0.5,
         resize_p=0.5,
         chroma_subsampling=(0, 1, 2),
+        texture_candidates=3,
     )
     for seed in range(20):
         real_sample = Sample(pixels, family=0, lossless=True, source="a")
@@ -257,6 +258,26 @@ def test_augmentation_never_depends_on_the_class():
         real = augmented_crop(real_sample, 64, aug, np.random.default_rng(seed))
         fake = augmented_crop(fake_sample, 64, aug, np.random.default_rng(seed))
         assert np.array_equal(real, fake)
+
+
+def test_texture_candidates_draw_crops_where_the_image_has_texture():
+    from models.preprocess import crop_texture
+
+    pixels = np.full((128, 256, 3), 128, dtype=np.uint8)
+    pixels[:, 128:] = _camera_like(np.random.default_rng(2), 128)  # the right half is textured
+    sample = Sample(pixels, family=0, lossless=False, source="a")
+    plain = Augmentation(final_jpeg_p=0.0, flip_p=0.0, off_lattice_p=0.0)
+    picky = replace(plain, texture_candidates=4)
+
+    def textured_share(aug: Augmentation) -> float:
+        rng = np.random.default_rng(0)
+        crops = [augmented_crop(sample, 64, aug, rng) for _ in range(200)]
+        return float(np.mean([crop_texture(c.astype(np.float32) / 255) > 0.01 for c in crops]))
+
+    # A random position lands fully in the flat half about a third of the time; the most textured of four
+    # almost never does.
+    assert textured_share(plain) < 0.8
+    assert textured_share(picky) > 0.95
 
 
 def test_blur_softens_crops_and_is_not_drawn_when_off():
