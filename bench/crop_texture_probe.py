@@ -1,10 +1,11 @@
 """How a model's per-crop log-odds depend on how textured the crop is, on images it never trained on.
 
 For every image, up to `--candidates` lattice-aligned 64 px crops are read (the detector's deterministic grid,
-denser), each with its CNN log-odds of "generated" and its texture: the mean absolute 3x3 Laplacian residual
-of its luminance. Printed per evaluation condition: ROC AUC of the image score made by averaging the crops'
-log-odds over (a) the detector's own 8 grid crops, (b) every candidate, (c) the 8 flattest candidates,
-(d) the 8 most textured; and the crop-level AUC per texture quartile (crops pooled over images).
+denser), each with its CNN log-odds of "generated" and its texture (`models.preprocess.crop_texture`: the
+mean absolute Laplacian of its luminance). Printed per evaluation condition: ROC AUC of the image score
+made by averaging the crops' log-odds over (a) the detector's own 8 grid crops, (b) every candidate, (c) the
+8 flattest candidates, (d) the 8 most textured; and the crop-level AUC per texture quartile (crops pooled
+over images).
 
     python bench/crop_texture_probe.py ../shared/datasets/dev/manifest.csv
 
@@ -31,17 +32,8 @@ from models.data import CONDITIONS, build_pixel_cache, read_manifest
 from models.detector import detector_from_weights
 from models.evaluation import fold_test_rows
 from models.nets import generated_logit
-from models.preprocess import native_crops, prepare_image
+from models.preprocess import crop_texture, native_crops, prepare_image
 from models.training import TrainConfig, condition_pixels, pixel_cache_path, roc_auc, training_split
-
-LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).reshape(1, 1, 3, 3)
-
-
-def crop_texture(crops: torch.Tensor) -> torch.Tensor:
-    """Mean |Laplacian| of each (K, 3, S, S) crop's luminance (BT.601), on the [0, 1] scale."""
-    luma = 0.299 * crops[:, 0] + 0.587 * crops[:, 1] + 0.114 * crops[:, 2]
-    residual = torch.nn.functional.conv2d(luma.unsqueeze(1), LAPLACIAN)
-    return residual.abs().mean(dim=(1, 2, 3))
 
 
 @torch.inference_mode()
@@ -50,7 +42,8 @@ def crop_logits(
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     crops = native_crops(rgb, 64, count, grid_offset=offset)
     batch = torch.from_numpy(np.stack([np.ascontiguousarray(c) for c in crops])).permute(0, 3, 1, 2).float()
-    return generated_logit(net(batch)).numpy(), crop_texture(batch).numpy()
+    texture = np.array([crop_texture(crop) for crop in crops], dtype=np.float32)
+    return generated_logit(net(batch)).numpy(), texture
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "wd1e2_init1": {**STRONG_DECAY, "init_seed": 1},
     # `shipped`'s fold networks, recalibrated: the detector reads the 8 most textured of 64 grid crops.
     "textured": {"crop_candidates": 64},
-    # Trained on the most textured of 4 random positions per crop (both classes alike), and read as `textured`.
+    # Trained on the most textured of 4 random positions per crop (both classes alike); read as `textured`.
     "textured_train": {"crop_candidates": 64, "augmentation": Augmentation(texture_candidates=4)},
 }
 
