@@ -117,6 +117,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "textured": {"crop_candidates": 64},
     # Trained on the most textured of 4 random positions per crop (both classes alike); read as `textured`.
     "textured_train": {"crop_candidates": 64, "augmentation": Augmentation(texture_candidates=4)},
+    # AdamW weight decay 1e-1, ten times `wd1e2`'s: does a stronger dose of its small gain give more?
+    "wd1e1": {"weight_decay": 1e-1},
 }
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks
