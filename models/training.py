@@ -644,16 +644,8 @@ def train(
         "training_images": len(train_idx),
         "reconstructions": n_recon,
     }
-    return _calibrate_and_save(
-        net,
-        [cache.images[i] for i in cal_idx],
-        [rows[i] for i in cal_idx],
-        config=config,
-        out_dir=out_dir,
-        summary=summary,
-        started=started,
-        log=log,
-    )
+    calibration = [(cache.images[i], rows[i]) for i in cal_idx]
+    return _calibrate_and_save(net, calibration, summary, config, out_dir=out_dir, started=started, log=log)
 
 
 def recalibrate(
@@ -690,34 +682,26 @@ def recalibrate(
     kept = ("manifest", "training_images", "reconstructions")
     summary = {key: payload["training"][key] for key in kept if key in payload["training"]}
     summary["recalibrated_from"] = {"path": str(weights), "sha256": sha256}
-    return _calibrate_and_save(
-        net,
-        [cache.images[i] for i in cal_idx],
-        [rows[i] for i in cal_idx],
-        config=config,
-        out_dir=out_dir,
-        summary=summary,
-        started=started,
-        log=log,
-    )
+    calibration = [(cache.images[i], rows[i]) for i in cal_idx]
+    return _calibrate_and_save(net, calibration, summary, config, out_dir=out_dir, started=started, log=log)
 
 
 def _calibrate_and_save(
     net: ResidualNet,
-    images: Sequence[NDArray[np.uint8]],
-    cal_rows: Sequence[ManifestRow],
-    *,
-    config: TrainConfig,
-    out_dir: Path,
+    calibration: Sequence[tuple[NDArray[np.uint8], ManifestRow]],
     summary: dict[str, Any],
+    config: TrainConfig,
+    *,
+    out_dir: Path,
     started: float,
     log: Log,
 ) -> Path:
+    """Calibrate `net` on the (pixels, row) calibration images, save the weights and the summary."""
     fusion, thresholds, stats = calibrate(
         net,
-        images,
-        [int(row.is_fake) for row in cal_rows],
-        lossless=[row.file_format in LOSSLESS_FORMATS for row in cal_rows],
+        [pixels for pixels, _ in calibration],
+        [int(row.is_fake) for _, row in calibration],
+        lossless=[row.file_format in LOSSLESS_FORMATS for _, row in calibration],
         config=config,
         log=log,
     )
