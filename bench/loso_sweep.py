@@ -119,6 +119,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "textured_train": {"crop_candidates": 64, "augmentation": Augmentation(texture_candidates=4)},
     # AdamW weight decay 1e-1, ten times `wd1e2`'s: does a stronger dose of its small gain give more?
     "wd1e1": {"weight_decay": 1e-1},
+    # Gaussian noise (sigma 0.5-3 grey levels) on 30% of the training crops of both classes, before the JPEG
+    # steps: sensor noise, or its absence, should not decide the class by itself.
+    "noise": {"augmentation": Augmentation(noise_p=0.3)},
 }
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks

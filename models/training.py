@@ -87,6 +87,12 @@ class Augmentation:
     #: 0 in the shipped recipe; when 0, no random number is drawn for it, so older recipes repeat exactly.
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.2, 1.5)
+    #: Gaussian noise added to the crop (sigma drawn from `noise_sigma`, in grey levels of 255, after any
+    #: blur and before any JPEG step), both classes alike: a camera photo's sensor noise is missing from a
+    #: downscaled web copy as from a generated image, so its presence alone should not decide the class.
+    #: 0 in the shipped recipe; when 0, no random number is drawn for it, so older recipes repeat exactly.
+    noise_p: float = 0.0
+    noise_sigma: tuple[float, float] = (0.5, 3.0)
     #: Rescaling "history", both classes alike: a region of size/scale pixels (scale drawn from
     #: `resize_scale`, clipped to the image) is resampled to the crop size, and the crop then counts as
     #: lossless (it gets a JPEG history like any lossless image), because resampling erased whatever JPEG
@@ -207,6 +213,10 @@ def augmented_crop(
     if aug.blur_p > 0 and rng.random() < aug.blur_p:
         radius = float(rng.uniform(*aug.blur_sigma))  # Pillow's GaussianBlur radius is the sigma
         crop = np.asarray(Image.fromarray(crop).filter(ImageFilter.GaussianBlur(radius)))
+    if aug.noise_p > 0 and rng.random() < aug.noise_p:
+        sigma = float(rng.uniform(*aug.noise_sigma))
+        noisy = crop.astype(np.float32) + rng.normal(0.0, sigma, crop.shape).astype(np.float32)
+        crop = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
     if lossless and rng.random() < aug.lossless_history_p:
         crop = _recompress(crop, aug.history_quality, aug, rng)
     if rng.random() < aug.final_jpeg_p:

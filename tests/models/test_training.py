@@ -251,6 +251,7 @@ def test_augmentation_never_depends_on_the_class():
         resize_p=0.5,
         chroma_subsampling=(0, 1, 2),
         texture_candidates=3,
+        noise_p=0.5,
     )
     for seed in range(20):
         real_sample = Sample(pixels, family=0, lossless=True, source="a")
@@ -299,6 +300,22 @@ def test_blur_softens_crops_and_is_not_drawn_when_off():
     assert np.array_equal(
         augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, replace(plain, blur_p=1e-12), tiny)
     )
+    assert off.random() != tiny.random()
+
+
+def test_noise_roughens_flat_crops_and_is_not_drawn_when_off():
+    sample = Sample(np.full((96, 96, 3), 100, dtype=np.uint8), family=1, lossless=False, source="a")
+    plain = Augmentation(final_jpeg_p=0.0, flip_p=0.0)
+    noisy = replace(plain, noise_p=1.0, noise_sigma=(2.0, 3.0))
+    for seed in range(5):
+        assert np.ptp(augmented_crop(sample, 64, plain, np.random.default_rng(seed))) == 0
+        crop = augmented_crop(sample, 64, noisy, np.random.default_rng(seed)).astype(float)
+        assert 1.5 < crop.std() < 3.5
+        assert abs(crop.mean() - 100) < 0.5
+    # Off draws nothing; a tiny noise_p draws one number and so moves the stream.
+    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
+    barely = replace(plain, noise_p=1e-12)
+    assert np.array_equal(augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, barely, tiny))
     assert off.random() != tiny.random()
 
 
