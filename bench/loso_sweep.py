@@ -115,6 +115,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "wd1e2_init1": {**STRONG_DECAY, "init_seed": 1},
     # `shipped`'s fold networks, recalibrated: the detector reads the 8 most textured of 64 grid crops.
     "textured": {"crop_candidates": 64},
+    # `shipped`'s fold networks, recalibrated: the detector averages 64 grid crops instead of 8.
+    "all64": {"max_crops": 64},
     # Trained on the most textured of 4 random positions per crop (both classes alike); read as `textured`.
     "textured_train": {"crop_candidates": 64, "augmentation": Augmentation(texture_candidates=4)},
     # AdamW weight decay 1e-1, ten times `wd1e2`'s: does a stronger dose of its small gain give more?
@@ -126,7 +128,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks
 #: (`OUT/<that recipe>/<fold>/weights.pt`, which must exist) and only calibrate them again.
-NETWORKS_FROM: dict[str, str] = {"textured": "shipped"}
+NETWORKS_FROM: dict[str, str] = {"textured": "shipped", "all64": "shipped"}
 
 
 def run_fold(
