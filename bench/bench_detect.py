@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_detect.py                 # CPU (or CUDA when available), 200 images
     .venv/bin/python bench/bench_detect.py --device cuda --batch-size 128 --count 4000
     .venv/bin/python bench/bench_detect.py --device cuda --processes 12 --threads 1 --count 12000
+    .venv/bin/python bench/bench_detect.py --weights runs/ship/weights.pt   # a locally trained model
 
 With --processes N, N detectors in separate processes share the device, as the N pool processes of one
 `synthguard worker --concurrency N` do; decoding and the hand-made evidence run on the CPU in each of them.
@@ -64,13 +65,17 @@ def measure(
     batch_size: int | None,
     device: str | None,
     threads: int | None,
+    weights: Path | None = None,
     seed: int = 0,
     barrier: Any = None,
 ) -> dict[str, Any]:
     """Detect `count` JPEGs made here in batches; returns throughput, peak RSS and the verdict counts."""
     if threads:
         torch.set_num_threads(threads)
-    detector = models.create_detector("synthguard-v1", device=device)
+    if weights is None:
+        detector = models.create_detector("synthguard-v1", device=device)
+    else:
+        detector = models.detector_from_weights(weights, device=device)
     size = batch_size or (128 if detector.device.type == "cuda" else 8)
     blobs = make_jpegs(count, seed=seed)
     warm = [models.ImageInput(image=Image.open(io.BytesIO(b)), data=b) for b in blobs[:size]]
@@ -163,6 +168,9 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=1, help="detectors in separate processes sharing the device"
     )
+    parser.add_argument(
+        "--weights", type=Path, default=None, help="a trained weights file (default: the shipped model)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
     kwargs: dict[str, Any] = {
@@ -170,6 +178,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "device": args.device,
         "threads": args.threads,
+        "weights": args.weights,
     }
     if args.processes > 1:
         result = measure_processes(args.processes, **kwargs)
