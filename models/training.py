@@ -670,11 +670,13 @@ def recalibrate(
     """Calibrate a trained network again under `config`'s detection-time settings (crop choice, threshold
     margin, evidence fusion) and save it as `out_dir/weights.pt`; the network's tensors are unchanged.
 
-    `config` must define the calibration split the network was trained beside (same seed and exclusions),
-    or the calibration images may include its training images; the saved summary names the source file.
+    `config` must be the network's training config up to `DETECTION_TIME_FIELDS` (checked against the config
+    saved in the weights), so that the calibration split is the one the network was trained beside; the
+    saved summary names the source file.
 
     Raises:
         WeightsError: `weights` is missing or unreadable.
+        ValueError: `config` differs from the network's training config in a training setting.
         ManifestError: the manifest is unusable.
     """
     from models.detector import load_weights  # noqa: PLC0415 - avoids an import cycle at module load
@@ -683,6 +685,12 @@ def recalibrate(
     torch.set_num_threads(config.threads)
     started = time.monotonic()
     payload, sha256 = load_weights(weights, None)
+    differing = training_differences(payload["training"].get("config", {}), config)
+    if differing:
+        raise ValueError(
+            f"{weights} was trained with other settings than the config asks for ({', '.join(differing)}); "
+            "recalibrating changes only detection-time settings"
+        )
     net = ResidualNet(NetConfig.from_dict(payload["net_config"]))
     net.load_state_dict(payload["state_dict"], strict=True)
     net.eval().to(config.device)  # in training mode, calibration would move the batch-norm statistics
@@ -694,6 +702,40 @@ def recalibrate(
     summary["recalibrated_from"] = {"path": str(weights), "sha256": sha256}
     calibration = [(cache.images[i], rows[i]) for i in cal_idx]
     return _calibrate_and_save(net, calibration, summary, config, out_dir=out_dir, started=started, log=log)
+
+
+#: `TrainConfig` fields that act only after training (crop reading, calibration, thresholds) or on how a run
+#: is executed, not on the network it trains.
+DETECTION_TIME_FIELDS = frozenset(
+    {"crop_candidates", "max_crops", "generated_margin", "evidence_in_score"}
+    | {"device", "threads", "max_minutes"}
+)
+
+
+def _as_json(config: TrainConfig) -> dict[str, Any]:
+    return dict(json.loads(json.dumps(_jsonable(asdict(config)))))
+
+
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`saved` with the settings it lacks taken from `defaults`: a weights file saved before a setting existed
+    was trained as its default."""
+    merged = dict(defaults)
+    for name, value in saved.items():
+        default = defaults.get(name)
+        merged[name] = (
+            _with_defaults(value, default) if isinstance(value, dict) and isinstance(default, dict) else value
+        )
+    return merged
+
+
+def training_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Training settings in which `config` differs from a config saved with weights (as JSON)."""
+    known = _with_defaults(saved, _as_json(TrainConfig()))
+    return sorted(
+        name
+        for name, value in _as_json(config).items()
+        if name not in DETECTION_TIME_FIELDS and known.get(name) != value
+    )
 
 
 def _calibrate_and_save(

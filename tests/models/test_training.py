@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from models.training import (
     sampling_probabilities,
     split_calibration,
     train,
+    training_differences,
 )
 from tests.conftest import shared_dir
 
@@ -131,6 +132,8 @@ def test_recalibrating_for_textured_crops_keeps_the_network_and_records_the_choi
     (detection,) = detector.detect([image])
     assert detection.decided_by == "pixels"
     assert detection.evidence["learned"]["crops"] == 4
+    with pytest.raises(ValueError, match="weight_decay"):
+        recalibrate(trained, manifest, tmp_path / "c", replace(config, weight_decay=0.1), **quiet)
 
 
 def test_a_sweep_can_recalibrate_another_runs_fold_networks(tmp_path):
@@ -158,6 +161,14 @@ def test_a_sweep_can_recalibrate_another_runs_fold_networks(tmp_path):
         leave_one_source_out(
             manifest, tmp_path / "other", train_config=textured, networks_from=tmp_path / "missing", **quiet
         )
+
+
+def test_training_differences_ignore_detection_settings_and_settings_saved_before_they_existed():
+    saved = json.loads(json.dumps(asdict(TINY)))
+    del saved["augmentation"]["noise_p"]  # as in a file saved before the setting existed: it trained without
+    assert training_differences(saved, replace(TINY, max_crops=64, crop_candidates=9, device="cuda")) == []
+    noisy = replace(TINY, augmentation=Augmentation(noise_p=0.3), seed=4)
+    assert training_differences(saved, noisy) == ["augmentation", "seed"]
 
 
 def test_weights_calibrated_on_other_crops_than_the_config_reads_are_refused(tmp_path):
