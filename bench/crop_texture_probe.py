@@ -28,11 +28,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models._scoring import crop_tensor
 from models.data import CONDITIONS, build_pixel_cache, read_manifest
 from models.detector import detector_from_weights
 from models.evaluation import fold_test_rows
 from models.nets import generated_logit
-from models.preprocess import crop_texture, native_crops, prepare_image
+from models.preprocess import crop_texture, prepare_image
 from models.training import TrainConfig, condition_pixels, pixel_cache_path, roc_auc, training_split
 
 
@@ -40,9 +41,8 @@ from models.training import TrainConfig, condition_pixels, pixel_cache_path, roc
 def crop_logits(
     net: torch.nn.Module, rgb: NDArray[np.float32], count: int, offset: tuple[int, int]
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    crops = native_crops(rgb, 64, count, grid_offset=offset)
-    batch = torch.from_numpy(np.stack([np.ascontiguousarray(c) for c in crops])).permute(0, 3, 1, 2).float()
-    texture = np.array([crop_texture(crop) for crop in crops], dtype=np.float32)
+    batch = crop_tensor(rgb, 64, count, offset)
+    texture = np.array([crop_texture(crop.permute(1, 2, 0).numpy()) for crop in batch], dtype=np.float32)
     return generated_logit(net(batch)).numpy(), texture
 
 

@@ -679,27 +679,28 @@ def recalibrate(
         ValueError: `config` differs from the network's training config in a training setting.
         ManifestError: the manifest is unusable.
     """
-    from models.detector import load_weights  # noqa: PLC0415 - avoids an import cycle at module load
+    from models.detector import detector_from_weights  # noqa: PLC0415 - avoids an import cycle at load
 
     config = replace(config, device=training_device(config.device))
     torch.set_num_threads(config.threads)
     started = time.monotonic()
-    payload, sha256 = load_weights(weights, None)
-    differing = training_differences(payload["training"].get("config", {}), config)
+    # Loaded as the detector loads it (checked, strict, in eval mode, so calibrating cannot move the
+    # batch-norm statistics), on the CPU in full precision, then moved where the calibration runs.
+    detector = detector_from_weights(weights, device="cpu")
+    trained = detector.training_info
+    differing = training_differences(trained.get("config", {}), config)
     if differing:
         raise ValueError(
             f"{weights} was trained with other settings than the config asks for ({', '.join(differing)}); "
             "recalibrating changes only detection-time settings"
         )
-    net = ResidualNet(NetConfig.from_dict(payload["net_config"]))
-    net.load_state_dict(payload["state_dict"], strict=True)
-    net.eval().to(config.device)  # in training mode, calibration would move the batch-norm statistics
+    net = detector.net.to(config.device)
     rows = read_manifest(manifest)
     cache = build_pixel_cache(rows, pixel_cache_path(rows, cache_dir))
     _, cal_idx = training_split(rows, config)
     kept = ("manifest", "training_images", "reconstructions")
-    summary = {key: payload["training"][key] for key in kept if key in payload["training"]}
-    summary["recalibrated_from"] = {"path": str(weights), "sha256": sha256}
+    summary = {key: trained[key] for key in kept if key in trained}
+    summary["recalibrated_from"] = {"path": str(weights), "sha256": detector.cfg.weights_sha256}
     calibration = [(cache.images[i], rows[i]) for i in cal_idx]
     return _calibrate_and_save(net, calibration, summary, config, out_dir=out_dir, started=started, log=log)
 
