@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_detect.py --device cuda --batch-size 128 --count 4000
     .venv/bin/python bench/bench_detect.py --device cuda --processes 12 --threads 1 --count 12000
     .venv/bin/python bench/bench_detect.py --weights runs/ship/weights.pt   # a locally trained model
+    .venv/bin/python bench/bench_detect.py --crop-batch 256                 # crops per CNN batch
 
 With --processes N, N detectors in separate processes share the device, as the N pool processes of one
 `synthguard worker --concurrency N` do; decoding and the hand-made evidence run on the CPU in each of them.
@@ -34,6 +35,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models
+from models import _scoring
 
 
 def make_jpegs(count: int, side: int = 512, seed: int = 0) -> list[bytes]:
@@ -66,12 +68,16 @@ def measure(
     device: str | None,
     threads: int | None,
     weights: Path | None = None,
+    crop_batch: int | None = None,
     seed: int = 0,
     barrier: Any = None,
 ) -> dict[str, Any]:
     """Detect `count` JPEGs made here in batches; returns throughput, peak RSS and the verdict counts."""
     if threads:
         torch.set_num_threads(threads)
+    if crop_batch:
+        # The detector's CNN batch is a module setting read at each call (the scores do not depend on it).
+        _scoring.CPU_CROP_BATCH = _scoring.GPU_CROP_BATCH = crop_batch
     if weights is None:
         detector = models.create_detector("synthguard-v1", device=device)
     else:
@@ -105,6 +111,7 @@ def measure(
         "torch_threads": torch.get_num_threads(),
         "images": len(blobs),
         "batch_size": size,
+        "crop_batch": _scoring.crop_batch_size(detector.device),
         "seconds": round(elapsed, 2),
         "images_per_s": round(len(blobs) / elapsed, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -152,6 +159,7 @@ def measure_processes(processes: int, **kwargs: Any) -> dict[str, Any]:
         "torch_threads_per_process": first["torch_threads"],
         "images": images,
         "batch_size": first["batch_size"],
+        "crop_batch": first["crop_batch"],
         "seconds": round(wall, 2),
         "images_per_s": round(images / wall, 2),
         "peak_rss_mb_per_process": max(r["peak_rss_mb"] for r in results),
@@ -171,6 +179,9 @@ def main() -> None:
     parser.add_argument(
         "--weights", type=Path, default=None, help="a trained weights file (default: the shipped model)"
     )
+    parser.add_argument(
+        "--crop-batch", type=int, default=None, help="crops per CNN batch (default: 32 on CPU, 256 on CUDA)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
     kwargs: dict[str, Any] = {
@@ -179,6 +190,7 @@ def main() -> None:
         "device": args.device,
         "threads": args.threads,
         "weights": args.weights,
+        "crop_batch": args.crop_batch,
     }
     if args.processes > 1:
         result = measure_processes(args.processes, **kwargs)

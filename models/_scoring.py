@@ -64,6 +64,19 @@ def crop_tensor(
     return torch.from_numpy(stacked).permute(0, 3, 1, 2)
 
 
+#: Crops per CNN batch on the GPU, where larger batches keep it busy.
+GPU_CROP_BATCH = 256
+#: Crops per CNN batch on the CPU. The full-resolution stem makes a batch of 256 64 px crops about 70 MB per
+#: activation, far beyond the caches, and the CPU then waits on memory: batches of 32 ran the CNN about
+#: twice as fast on this 2-core machine (`bench/bench_detect.py --crop-batch`).
+CPU_CROP_BATCH = 32
+
+
+def crop_batch_size(device: torch.device) -> int:
+    """How many crops `cnn_outputs` puts through the network at once on `device`."""
+    return GPU_CROP_BATCH if device.type == "cuda" else CPU_CROP_BATCH
+
+
 @dataclass(frozen=True)
 class CnnOutput:
     """Per-image CNN result: mean per-crop generated logit, its spread, and mean family probabilities."""
@@ -79,14 +92,17 @@ def cnn_outputs(
     net: ResidualNet,
     per_image_crops: Sequence[torch.Tensor],
     device: torch.device,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     half: bool = False,
 ) -> list[CnnOutput]:
     """Run all crops of all images through `net` in batches, then aggregate per image.
 
     The crops of many images share batches, which is what makes the GPU path fast. An image smaller than the
     crop size has smaller crops (it is never scaled up), so crops are batched with crops of their own side.
+    `batch_size` defaults to `crop_batch_size(device)`; the logits do not depend on it (eval mode).
     """
+    if batch_size is None:
+        batch_size = crop_batch_size(device)
     by_side: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, crops in enumerate(per_image_crops):
         by_side[tuple(crops.shape[-2:])].append(index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models._scoring import cnn_outputs, crop_batch_size
 from models.nets import FAMILIES, NetConfig, ResidualNet, high_pass, npr_residual
 
 
@@ -74,3 +75,24 @@ def test_standardised_pixels_hide_brightness_and_colour_balance():
         # The plain pixel view does see it.
         plain = ResidualNet(NetConfig()).eval()
         assert not torch.allclose(plain(crops), plain(crops + tint), atol=1e-4)
+
+
+def test_per_image_outputs_do_not_depend_on_how_crops_are_batched():
+    """The CPU runs the CNN in small batches and the GPU in large ones: a crop batch that splits an image's
+    crops across batches must give the same per-image logit, spread and family probabilities."""
+    torch.manual_seed(0)
+    net = ResidualNet().eval()
+    generator = torch.Generator().manual_seed(2)
+    per_image = [torch.rand(count, 3, 64, 64, generator=generator) for count in (40, 5, 1, 40)]
+    device = torch.device("cpu")
+    assert crop_batch_size(device) < sum(len(crops) for crops in per_image)
+    whole = cnn_outputs(net, per_image, device, batch_size=256)
+    for split in (cnn_outputs(net, per_image, device), cnn_outputs(net, per_image, device, batch_size=3)):
+        for one, other in zip(whole, split, strict=True):
+            assert one.crops == other.crops
+            assert one.logit == pytest.approx(other.logit, abs=1e-5)
+            assert one.crop_logit_std == pytest.approx(other.crop_logit_std, abs=1e-5)
+            assert one.family_probs == pytest.approx(other.family_probs, abs=1e-6)
+    assert len({round(output.logit, 4) for output in whole}) == len(
+        per_image
+    )  # distinct images, distinct logits
