@@ -36,7 +36,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -727,6 +727,37 @@ def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str,
             _with_defaults(value, default) if isinstance(value, dict) and isinstance(default, dict) else value
         )
     return merged
+
+
+def saved_training_config(saved: dict[str, Any]) -> TrainConfig:
+    """The `TrainConfig` a config saved with weights (as JSON) describes; settings it lacks take their
+    defaults, as the network was trained with them. `recalibrate` with it (and other detection-time
+    settings) reuses the network's own calibration split.
+
+    Raises:
+        ValueError: `saved` names a setting this version does not know.
+    """
+    known = _with_defaults(saved, _as_json(TrainConfig()))
+    unknown = sorted(set(known) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"the saved training config has settings this version does not know: {unknown}")
+    values: dict[str, Any] = {}
+    try:
+        for item in fields(TrainConfig):
+            value = known[item.name]
+            if item.name == "net":
+                value = NetConfig.from_dict(value)
+            elif item.name == "augmentation":
+                value = Augmentation(**{name: _tuples(v) for name, v in value.items()})
+            values[item.name] = _tuples(value)
+    except TypeError as exc:  # an unknown network or augmentation setting
+        raise ValueError(f"the saved training config does not fit this version: {exc}") from exc
+    return TrainConfig(**values)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the configs hold."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def training_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:

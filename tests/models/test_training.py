@@ -25,6 +25,7 @@ from models.training import (
     real_thresholds,
     recalibrate,
     sampling_probabilities,
+    saved_training_config,
     split_calibration,
     train,
     training_differences,
@@ -169,6 +170,25 @@ def test_training_differences_ignore_detection_settings_and_settings_saved_befor
     assert training_differences(saved, replace(TINY, max_crops=64, crop_candidates=9, device="cuda")) == []
     noisy = replace(TINY, augmentation=Augmentation(noise_p=0.3), seed=4)
     assert training_differences(saved, noisy) == ["augmentation", "seed"]
+
+
+def test_a_saved_training_config_rebuilds_the_config_it_was_saved_from():
+    config = replace(
+        TINY,
+        seed=3,
+        exclude_sources=("fake:github:test/fake-1",),
+        net=NetConfig(width=8, use_npr=1),
+        augmentation=Augmentation(noise_p=0.3, chroma_subsampling=(0, 2)),
+    )
+    saved = json.loads(json.dumps(asdict(config)))
+    assert saved_training_config(saved) == config
+    del saved["augmentation"]["noise_p"]  # saved before the setting existed: trained as its default
+    assert saved_training_config(saved).augmentation.noise_p == Augmentation().noise_p
+    with pytest.raises(ValueError, match="does not know"):
+        saved_training_config({**saved, "future_setting": 1})
+    saved["augmentation"]["future_setting"] = 1
+    with pytest.raises(ValueError, match="does not fit"):
+        saved_training_config(saved)
 
 
 def test_weights_calibrated_on_other_crops_than_the_config_reads_are_refused(tmp_path):

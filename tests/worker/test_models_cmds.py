@@ -1,4 +1,4 @@
-"""`detect`, `eval` and `train` commands, through a click group built here (as worker/cli builds its own)."""
+"""`detect`, `eval`, `train` and `recalibrate`, through a click group built here (as worker/cli does)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -25,7 +26,7 @@ def cli() -> click.Group:
 
 
 def test_commands_are_registered(cli):
-    assert {"detect", "eval", "train"} <= set(cli.commands)
+    assert {"detect", "eval", "train", "recalibrate"} <= set(cli.commands)
 
 
 def test_detect_prints_one_json_object_per_image(cli, tmp_path):
@@ -104,6 +105,34 @@ def test_train_then_detect_with_the_new_weights(cli, tmp_path):
     detected = CliRunner().invoke(cli, ["detect", str(image), "--weights", str(out / "weights.pt")])
     assert detected.exit_code == 0, detected.output
     assert json.loads(detected.output)["model"].startswith("synthguard-local@local+")
+
+
+def test_recalibrate_for_more_crops_keeps_the_network(cli, tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=6, size=96)
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    trained = tmp_path / "model" / "weights.pt"
+    args = ["train", str(manifest), "--out", str(trained.parent), "--steps", "3", "--seed", "2", *cache]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    out = tmp_path / "more-crops"
+    args = ["recalibrate", str(trained), str(manifest), "--out", str(out), "--max-crops", "4", *cache]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    before, after = torch.load(trained, weights_only=True), torch.load(out / "weights.pt", weights_only=True)
+    assert (before["max_crops"], after["max_crops"]) == (8, 4)
+    # The training settings (a non-default seed, hence the same calibration split) are read from the file.
+    assert after["training"]["config"]["seed"] == 2 and after["training"]["config"]["steps"] == 3
+    for name, tensor in before["state_dict"].items():
+        assert torch.equal(tensor, after["state_dict"][name]), name
+
+
+def test_recalibrate_refuses_a_file_that_is_not_weights(cli, tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=4, size=96)
+    bogus = tmp_path / "weights.pt"
+    bogus.write_bytes(b"not a weights file")
+    result = CliRunner().invoke(cli, ["recalibrate", str(bogus), str(manifest), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x" / "weights.pt").exists()
 
 
 def test_eval_leave_one_source_out(cli, tmp_path):

@@ -223,8 +223,38 @@ def train_command(
     click.echo(str(path))
 
 
+@click.command("recalibrate")
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--max-crops", default=None, type=click.IntRange(1, 256), help="crops per image (default: as trained)"
+)
+@click.option("--cache-dir", default=Path("runs/cache"), show_default=True, type=click.Path(path_type=Path))
+def recalibrate_command(
+    *, weights: Path, manifest: Path, out_dir: Path, max_crops: int | None, cache_dir: Path
+) -> None:
+    """Calibrate trained weights again (score scaling and thresholds), e.g. for another number of crops per
+    image, on the calibration split of MANIFEST they were trained beside; the network is unchanged. Writes
+    DIR/weights.pt."""
+    from models.detector import detector_from_weights  # noqa: PLC0415
+    from models.training import recalibrate, saved_training_config  # noqa: PLC0415 - not needed to detect
+
+    try:
+        config = saved_training_config(detector_from_weights(weights, device="cpu").training_info["config"])
+        if max_crops is not None:
+            config = replace(config, max_crops=max_crops)
+        path = recalibrate(weights, manifest, out_dir, config, cache_dir=cache_dir, log=click.echo)
+    except KeyError as exc:
+        raise click.ClickException(f"{weights} does not say how it was trained ({exc})") from exc
+    except (DetectorError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))
+
+
 def register(group: click.Group) -> None:
-    """Add detect, eval and train to the `synthguard` group."""
+    """Add detect, eval, train and recalibrate to the `synthguard` group."""
     group.add_command(detect_command)
     group.add_command(eval_command)
     group.add_command(train_command)
+    group.add_command(recalibrate_command)
