@@ -180,7 +180,7 @@ def main() -> None:
         "--weights", type=Path, default=None, help="a trained weights file (default: the shipped model)"
     )
     parser.add_argument(
-        "--crop-batch", type=int, default=None, help="crops per CNN batch (default: 32 on CPU, 256 on CUDA)"
+        "--crop-batch", type=int, default=None, help="crops per CNN batch (default: 64 on CPU, 256 on CUDA)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()

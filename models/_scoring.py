@@ -67,9 +67,11 @@ def crop_tensor(
 #: Crops per CNN batch on the GPU, where larger batches keep it busy.
 GPU_CROP_BATCH = 256
 #: Crops per CNN batch on the CPU. The full-resolution stem makes a batch of 256 64 px crops about 70 MB per
-#: activation, far beyond the caches, and the CPU then waits on memory: batches of 32 ran the CNN about
-#: twice as fast on this 2-core machine (`bench/bench_detect.py --crop-batch`).
-CPU_CROP_BATCH = 32
+#: activation, far beyond the caches, and the CPU then waits on memory. On the 2-core machine
+#: (`bench/bench_detect.py --crop-batch N`, 512 px JPEGs, 8 images per call, 2026-12-07): with 64 crops per
+#: image, batches of 64 ran 19-22 images/s against 12-17 for 256; with the shipped 8 crops per image, 64
+#: equals the whole call, and batches of 32 were slower (37-52 against 53-67).
+CPU_CROP_BATCH = 64
 
 
 def crop_batch_size(device: torch.device) -> int:
