@@ -126,6 +126,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Gaussian noise (sigma 0.5-3 grey levels) on 30% of the training crops of both classes, before the JPEG
     # steps: sensor noise, or its absence, should not decide the class by itself.
     "noise": {"augmentation": Augmentation(noise_p=0.3)},
+    # Colour saturation scaled about the luma (x0.25-1.5) on half the training crops of both classes, before
+    # the JPEG steps: a palette (saturated prompted art, everyday photos) should not stand for a class.
+    "saturation": {"augmentation": Augmentation(saturation_p=0.5)},
+    # The colour channels in a random order on half the training crops of both classes: the same cue taken
+    # away more bluntly.
+    "channel_shuffle": {"augmentation": Augmentation(channel_shuffle_p=0.5)},
 }
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks

@@ -283,6 +283,8 @@ def test_augmentation_never_depends_on_the_class():
         chroma_subsampling=(0, 1, 2),
         texture_candidates=3,
         noise_p=0.5,
+        saturation_p=0.5,
+        channel_shuffle_p=0.5,
     )
     for seed in range(20):
         real_sample = Sample(pixels, family=0, lossless=True, source="a")
@@ -346,6 +348,53 @@ def test_noise_roughens_flat_crops_and_is_not_drawn_when_off():
     # Off draws nothing; a tiny noise_p draws one number and so moves the stream.
     off, tiny = np.random.default_rng(7), np.random.default_rng(7)
     barely = replace(plain, noise_p=1e-12)
+    assert np.array_equal(augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, barely, tiny))
+    assert off.random() != tiny.random()
+
+
+def test_saturation_keeps_luma_and_scales_colour_and_is_not_drawn_when_off():
+    rng = np.random.default_rng(4)
+    pixels = np.clip(rng.normal(128, 40, (96, 96, 3)), 0, 255).astype(np.uint8)
+    sample = Sample(pixels, family=1, lossless=False, source="a")
+    plain = Augmentation(final_jpeg_p=0.0, flip_p=0.0, off_lattice_p=0.0)
+    grey = replace(plain, saturation_p=1.0, saturation_range=(0.0, 0.0))
+    vivid = replace(plain, saturation_p=1.0, saturation_range=(1.5, 1.5))
+    weights = np.array([0.299, 0.587, 0.114])
+
+    def luma_and_chroma(crop: np.ndarray) -> tuple[np.ndarray, float]:
+        luma = crop.astype(float) @ weights
+        return luma, float(np.abs(crop - luma[..., None]).mean())
+
+    base_luma, base_chroma = luma_and_chroma(augmented_crop(sample, 64, plain, np.random.default_rng(1)))
+    grey_crop = augmented_crop(sample, 64, grey, np.random.default_rng(1))
+    assert np.ptp(grey_crop.astype(int), axis=2).max() <= 1  # grey: the three channels agree (rounding)
+    vivid_luma, vivid_chroma = luma_and_chroma(augmented_crop(sample, 64, vivid, np.random.default_rng(1)))
+    assert np.abs(vivid_luma - base_luma).mean() < 3.0  # luma kept, up to rounding and clipping
+    assert 1.25 * base_chroma < vivid_chroma < 1.55 * base_chroma
+    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
+    barely = replace(plain, saturation_p=1e-12)
+    assert np.array_equal(augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, barely, tiny))
+    assert off.random() != tiny.random()
+
+
+def test_channel_shuffle_reorders_the_channels_and_is_not_drawn_when_off():
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = 10, 120, 240
+    sample = Sample(pixels, family=0, lossless=False, source="a")
+    plain = Augmentation(final_jpeg_p=0.0, flip_p=0.0, off_lattice_p=0.0)
+    shuffled = replace(plain, channel_shuffle_p=1.0)
+    orders = {tuple(augmented_crop(sample, 64, shuffled, np.random.default_rng(s))[0, 0]) for s in range(40)}
+    assert orders <= {
+        (10, 120, 240),
+        (10, 240, 120),
+        (120, 10, 240),
+        (120, 240, 10),
+        (240, 10, 120),
+        (240, 120, 10),
+    }
+    assert len(orders) == 6
+    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
+    barely = replace(plain, channel_shuffle_p=1e-12)
     assert np.array_equal(augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, barely, tiny))
     assert off.random() != tiny.random()
 
