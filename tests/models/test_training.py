@@ -314,6 +314,15 @@ def test_texture_candidates_draw_crops_where_the_image_has_texture():
     assert textured_share(picky) > 0.95
 
 
+def _assert_not_drawn_when_off(sample: Sample, plain: Augmentation, probability: str) -> None:
+    """With `probability` 0 no random number is drawn for it, so recipes measured before it existed repeat
+    exactly; a tiny probability draws one and so moves the stream (the check can fail)."""
+    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
+    barely = replace(plain, **{probability: 1e-12})
+    assert np.array_equal(augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, barely, tiny))
+    assert off.random() != tiny.random()
+
+
 def test_blur_softens_crops_and_is_not_drawn_when_off():
     pixels = _camera_like(np.random.default_rng(0), 128)
     sample = Sample(pixels, family=0, lossless=False, source="a")
@@ -327,13 +336,7 @@ def test_blur_softens_crops_and_is_not_drawn_when_off():
         sharp = augmented_crop(sample, 64, plain, np.random.default_rng(seed))
         soft = augmented_crop(sample, 64, blurred, np.random.default_rng(seed))
         assert roughness(soft) < 0.5 * roughness(sharp)
-    # With blur off no random number is drawn for it (a tiny blur_p draws one and so moves the stream), so
-    # the recipes measured before blur existed still repeat exactly.
-    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
-    assert np.array_equal(
-        augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, replace(plain, blur_p=1e-12), tiny)
-    )
-    assert off.random() != tiny.random()
+    _assert_not_drawn_when_off(sample, plain, "blur_p")
 
 
 def test_noise_roughens_flat_crops_and_is_not_drawn_when_off():
@@ -345,11 +348,7 @@ def test_noise_roughens_flat_crops_and_is_not_drawn_when_off():
         crop = augmented_crop(sample, 64, noisy, np.random.default_rng(seed)).astype(float)
         assert 1.5 < crop.std() < 3.5
         assert abs(crop.mean() - 100) < 0.5
-    # Off draws nothing; a tiny noise_p draws one number and so moves the stream.
-    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
-    barely = replace(plain, noise_p=1e-12)
-    assert np.array_equal(augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, barely, tiny))
-    assert off.random() != tiny.random()
+    _assert_not_drawn_when_off(sample, plain, "noise_p")
 
 
 def test_saturation_keeps_luma_and_scales_colour_and_is_not_drawn_when_off():
@@ -371,10 +370,7 @@ def test_saturation_keeps_luma_and_scales_colour_and_is_not_drawn_when_off():
     vivid_luma, vivid_chroma = luma_and_chroma(augmented_crop(sample, 64, vivid, np.random.default_rng(1)))
     assert np.abs(vivid_luma - base_luma).mean() < 3.0  # luma kept, up to rounding and clipping
     assert 1.25 * base_chroma < vivid_chroma < 1.55 * base_chroma
-    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
-    barely = replace(plain, saturation_p=1e-12)
-    assert np.array_equal(augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, barely, tiny))
-    assert off.random() != tiny.random()
+    _assert_not_drawn_when_off(sample, plain, "saturation_p")
 
 
 def test_channel_shuffle_reorders_the_channels_and_is_not_drawn_when_off():
@@ -393,10 +389,7 @@ def test_channel_shuffle_reorders_the_channels_and_is_not_drawn_when_off():
         (240, 120, 10),
     }
     assert len(orders) == 6
-    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
-    barely = replace(plain, channel_shuffle_p=1e-12)
-    assert np.array_equal(augmented_crop(sample, 64, plain, off), augmented_crop(sample, 64, barely, tiny))
-    assert off.random() != tiny.random()
+    _assert_not_drawn_when_off(sample, plain, "channel_shuffle_p")
 
 
 def test_crops_stay_on_the_jpeg_lattice_unless_told_otherwise():
@@ -541,13 +534,7 @@ def test_resize_history_downscales_crops_and_is_not_drawn_when_off():
     with_history = replace(halved, lossless_history_p=1.0, history_quality=(40, 40))
     resampled = augmented_crop(sample, 64, halved, np.random.default_rng(0))
     assert not np.array_equal(resampled, augmented_crop(sample, 64, with_history, np.random.default_rng(0)))
-    # Off, no random number is drawn for it, so the recipes measured before it existed repeat exactly.
-    off, tiny = np.random.default_rng(7), np.random.default_rng(7)
-    assert np.array_equal(
-        augmented_crop(sample, 64, plain, off),
-        augmented_crop(sample, 64, replace(plain, resize_p=1e-12), tiny),
-    )
-    assert off.random() != tiny.random()
+    _assert_not_drawn_when_off(sample, plain, "resize_p")
 
 
 def test_chroma_subsampling_is_drawn_per_jpeg_step_and_not_when_off():
