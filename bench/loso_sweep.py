@@ -135,6 +135,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Half the width everywhere (8 stem channels, 24 and 48 in the stages; about a quarter of the weights):
     # `deep` gained nothing, so a smaller network may fit fewer of the training sources' particulars.
     "narrow": {"net": NetConfig(stem_channels=8, width=24)},
+    # `narrow` with seed 1 (its own calibration split and draws), against `shipped_seed1`.
+    "narrow_seed1": {"net": NetConfig(stem_channels=8, width=24), "seed": 1},
 }
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks
