@@ -93,6 +93,5 @@ def test_per_image_outputs_do_not_depend_on_how_crops_are_batched():
             assert one.logit == pytest.approx(other.logit, abs=1e-5)
             assert one.crop_logit_std == pytest.approx(other.crop_logit_std, abs=1e-5)
             assert one.family_probs == pytest.approx(other.family_probs, abs=1e-6)
-    assert len({round(output.logit, 4) for output in whole}) == len(
-        per_image
-    )  # distinct images, distinct logits
+    # Distinct images, distinct logits: the comparisons above are not between constants.
+    assert len({round(output.logit, 4) for output in whole}) == len(per_image)
