@@ -88,7 +88,10 @@ def load_weights(path: Path, expected_sha256: str | None) -> tuple[dict[str, Any
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+        # The type is named because torch.load's own messages can be bare (a KeyError's is just a number).
+        raise WeightsError(
+            f"cannot read weights file {path}: not a PyTorch weights file ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
         raise WeightsError(f"{path} is not a {WEIGHTS_FORMAT} file")
     return payload, actual
