@@ -43,6 +43,9 @@ RESCALED: dict[str, Any] = {"augmentation": Augmentation(resize_p=0.3)}
 STRONG_DECAY: dict[str, Any] = {"weight_decay": 1e-2}
 #: Half the shipped network's width everywhere (8 stem channels, 24 and 48 in the stages).
 NARROW: dict[str, Any] = {"net": NetConfig(stem_channels=8, width=24)}
+#: A bag of local patches (`NetConfig.local_head`): per-position logits averaged, receptive field 24 or 40 px.
+LOCAL24: dict[str, Any] = {"net": NetConfig(local_head=1, blocks=1)}
+LOCAL40: dict[str, Any] = {"net": NetConfig(local_head=1)}
 
 #: Recipe name -> changes to the shipped `TrainConfig`. `shipped` is the recipe of the committed weights.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -139,6 +142,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "narrow": NARROW,
     # `narrow` with seed 1 (its own calibration split and draws), against `shipped_seed1`.
     "narrow_seed1": {**NARROW, "seed": 1},
+    # Session 13: the local-patch networks, each with two initial weights on the same splits (MODEL_CARD.md).
+    "local24": LOCAL24,
+    "local24_init1": {**LOCAL24, "init_seed": 1},
+    "local40": LOCAL40,
+    "local40_init1": {**LOCAL40, "init_seed": 1},
 }
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks

@@ -45,6 +45,8 @@ def test_npr_residual_sees_the_phase_of_the_upsampling():
         NetConfig(use_npr=1),
         NetConfig(use_pixels=0, use_npr=1),
         NetConfig(standardise_pixels=1),
+        NetConfig(local_head=1),
+        NetConfig(local_head=1, blocks=1),
     ],
 )
 def test_every_view_combination_builds_and_scores_crops(config):
@@ -62,6 +64,30 @@ def test_a_config_saved_before_the_npr_view_existed_rebuilds_without_it():
     config = NetConfig.from_dict(saved_by_1_1_0)
     assert config.use_npr == 0
     assert NetConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_a_local_head_position_sees_only_its_receptive_field(blocks):
+    """Position (8, 8) of the 4-pixel-stride map covers pixels 32-35; with `blocks` residual blocks it sees
+    8 + 16 * blocks pixels around them and nothing else, so the crop's layout cannot reach its logits."""
+    torch.manual_seed(0)
+    net = ResidualNet(NetConfig(local_head=1, blocks=blocks)).eval()
+    crops = torch.rand(1, 3, 64, 64, requires_grad=True)
+    net.local_logits(crops)[0, :, 8, 8].sum().backward()
+    assert crops.grad is not None
+    seen = crops.grad.abs().sum(dim=(0, 1)) > 0
+    rows = torch.nonzero(seen.any(dim=1)).flatten()
+    columns = torch.nonzero(seen.any(dim=0)).flatten()
+    side = 8 + 16 * blocks
+    assert (rows.min().item(), rows.max().item()) == (34 - side // 2, 33 + side // 2)
+    assert (columns.min().item(), columns.max().item()) == (34 - side // 2, 33 + side // 2)
+    with torch.no_grad():
+        assert torch.allclose(net(crops), net.local_logits(crops).mean(dim=(2, 3)))
+
+
+def test_local_logits_are_refused_by_a_network_without_a_local_head():
+    with pytest.raises(ValueError, match="local_head"):
+        ResidualNet(NetConfig()).local_logits(torch.rand(1, 3, 64, 64))
 
 
 def test_standardised_pixels_hide_brightness_and_colour_balance():
