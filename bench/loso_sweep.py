@@ -147,6 +147,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "local24_init1": {**LOCAL24, "init_seed": 1},
     "local40": LOCAL40,
     "local40_init1": {**LOCAL40, "init_seed": 1},
+    # Session 13, informational: does `crop128`'s gain on the two screening folds repeat with other weights?
+    "crop128_init1": {**CROP128, "init_seed": 1},
 }
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks
