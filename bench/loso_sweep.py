@@ -149,6 +149,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "local40_init1": {**LOCAL40, "init_seed": 1},
     # Session 13, informational: does `crop128`'s gain on the two screening folds repeat with other weights?
     "crop128_init1": {**CROP128, "init_seed": 1},
+    # Session 13: the two changes whose gains repeated with both initial weights, together (MODEL_CARD.md).
+    "resize_wd1e2": {**RESCALED, **STRONG_DECAY},
+    "resize_wd1e2_init1": {**RESCALED, **STRONG_DECAY, "init_seed": 1},
 }
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks
