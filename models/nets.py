@@ -118,7 +118,7 @@ class ResidualNet(nn.Module):
         self.project = nn.Conv2d(cfg.stem_channels * cfg.unshuffle**2, cfg.width, 1)
         self.stage1 = nn.Sequential(*[ResidualBlock(cfg.width) for _ in range(cfg.blocks)])
         if cfg.local_head:
-            self.local_head = nn.Conv2d(cfg.width, len(FAMILIES), 1)
+            self.position_head = nn.Conv2d(cfg.width, len(FAMILIES), 1)
             return
         self.down = nn.Conv2d(cfg.width, 2 * cfg.width, 3, stride=2, padding=1, bias=False)
         self.down_bn = nn.BatchNorm2d(2 * cfg.width)
@@ -128,8 +128,7 @@ class ResidualNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.local_head:
-            averaged: torch.Tensor = self.local_logits(x).mean(dim=(2, 3))
-            return averaged
+            return self.local_logits(x).mean(dim=(2, 3))
         h = self.stage1(self._stem(x))
         h = F.relu(self.down_bn(self.down(h)))
         h = self.stage2(h)
@@ -141,7 +140,7 @@ class ResidualNet(nn.Module):
         """Per-position logits (N, len(FAMILIES), S/4, S/4) of a `local_head` network."""
         if not self.config.local_head:
             raise ValueError("local_logits needs a network built with NetConfig(local_head=1)")
-        logits: torch.Tensor = self.local_head(self.stage1(self._stem(x)))
+        logits: torch.Tensor = self.position_head(self.stage1(self._stem(x)))
         return logits
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
