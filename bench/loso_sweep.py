@@ -46,6 +46,8 @@ NARROW: dict[str, Any] = {"net": NetConfig(stem_channels=8, width=24)}
 #: A bag of local patches (`NetConfig.local_head`): per-position logits averaged, receptive field 24 or 40 px.
 LOCAL24: dict[str, Any] = {"net": NetConfig(local_head=1, blocks=1)}
 LOCAL40: dict[str, Any] = {"net": NetConfig(local_head=1)}
+#: Every reconstruction drawn brings its real photo, cropped alike (`TrainConfig.paired_reconstructions`).
+PAIRED: dict[str, Any] = {"paired_reconstructions": True}
 
 #: Recipe name -> changes to the shipped `TrainConfig`. `shipped` is the recipe of the committed weights.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -152,6 +154,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Session 13: the two changes whose gains repeated with both initial weights, together (MODEL_CARD.md).
     "resize_wd1e2": {**RESCALED, **STRONG_DECAY},
     "resize_wd1e2_init1": {**RESCALED, **STRONG_DECAY, "init_seed": 1},
+    # Session 14: reconstructions paired with their real photos in each batch, with the shipped share of
+    # reconstructions and with half the generated side, each with two initial weights (MODEL_CARD.md).
+    "paired": PAIRED,
+    "paired_init1": {**PAIRED, "init_seed": 1},
+    "paired_recon50": {**PAIRED, "reconstruction_share": 0.5},
+    "paired_recon50_init1": {**PAIRED, "reconstruction_share": 0.5, "init_seed": 1},
 }
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks

@@ -35,7 +35,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,11 @@ class TrainConfig:
     calibration_fraction: float = 0.15
     reconstruction_share: float = 0.25
     reconstruction_side: int = 192
+    #: Every reconstruction drawn into a batch brings its real photo along: the same region, cropped at the
+    #: same position with the same flips and JPEG steps, in place of one of the batch's real draws. The two
+    #: crops then differ only by the autoencoder's trace, not by content (dataset alignment, Rajan et al.,
+    #: ICLR 2025). Off in the shipped recipe; when off, batches are drawn exactly as before it existed.
+    paired_reconstructions: bool = False
     #: An image's draw weight within its class is (size of its source) ** -source_weight_power: 0 draws every
     #: image alike (since 1.2.0), 0.5 damps a large source (1.1.0), 1.0 gives every source the same share.
     #: Chosen over 0.5 by leaving each of eight sources out, over two seeds (MODEL_CARD.md).
@@ -176,6 +181,8 @@ class Sample:
     lossless: bool
     source: str
     is_reconstruction: bool = False
+    #: For a reconstruction, the real pixels it was made from (the same region, the same shape).
+    partner: NDArray[np.uint8] | None = None
 
 
 def _jpeg(pixels: NDArray[np.uint8], quality: int, subsampling: int | None = None) -> NDArray[np.uint8]:
@@ -307,11 +314,7 @@ def reconstructions(
         model = TinyAutoencoder.from_dir(taef2_dir).to(device)
         log(f"reconstructing {len(missing)} real images through taef2 (cached in {cache_path})")
         for done, index in enumerate(missing, start=1):
-            image = pixels[index]
-            height, width = image.shape[:2]
-            crop_h, crop_w = min(side, height) // 8 * 8, min(side, width) // 8 * 8
-            top, left = (height - crop_h) // 2, (width - crop_w) // 2
-            crop = image[top : top + crop_h, left : left + crop_w]
+            crop = reconstructed_region(pixels[index], side)
             x = torch.from_numpy(crop.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(device)
             y = model.reconstruct(x)[0].permute(1, 2, 0).cpu().numpy()
             cached[keys[index]] = to_uint8(y)
@@ -322,6 +325,14 @@ def reconstructions(
     return [cached[key] for key in keys]
 
 
+def reconstructed_region(image: NDArray[np.uint8], side: int) -> NDArray[np.uint8]:
+    """The centred region of `image` that `reconstructions` encodes: at most `side`, a multiple of 8."""
+    height, width = image.shape[:2]
+    crop_h, crop_w = min(side, height) // 8 * 8, min(side, width) // 8 * 8
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return image[top : top + crop_h, left : left + crop_w]
+
+
 def _batch(
     samples: Sequence[Sample],
     *,
@@ -330,15 +341,43 @@ def _batch(
     batch_size: int,
     aug: Augmentation,
     rng: np.random.Generator,
+    paired: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    drawn = [samples[int(i)] for i in rng.choice(len(samples), size=batch_size, p=probabilities)]
+    twins = _twins(drawn) if paired else {}
     crops = np.empty((batch_size, size, size, 3), dtype=np.uint8)
-    labels = np.empty(batch_size, dtype=np.int64)
-    for i, index in enumerate(rng.choice(len(samples), size=batch_size, p=probabilities)):
-        sample = samples[int(index)]
+    labels = np.array([sample.family for sample in drawn], dtype=np.int64)
+    paired_slots = {reconstruction_slot for reconstruction_slot, _ in twins.values()}
+    draws_before: dict[int, Mapping[str, Any]] = {}
+    for i, sample in enumerate(drawn):
+        if i in twins:
+            continue
+        if i in paired_slots:
+            draws_before[i] = rng.bit_generator.state
         crops[i] = augmented_crop(sample, size, aug, rng)
-        labels[i] = sample.family
+    for slot, (reconstruction_slot, twin) in twins.items():
+        # The same random draws as its reconstruction's crop: same position, flip and JPEG steps.
+        replay = np.random.Generator(type(rng.bit_generator)())
+        replay.bit_generator.state = draws_before[reconstruction_slot]
+        crops[slot] = augmented_crop(twin, size, aug, replay)
+        labels[slot] = 0
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
     return x, torch.from_numpy(labels)
+
+
+def _twins(drawn: Sequence[Sample]) -> dict[int, tuple[int, Sample]]:
+    """Slot of a real draw -> (slot of a drawn reconstruction, its real photo as a sample to crop there).
+
+    Each reconstruction with a partner takes one real slot (last first) while any are left. The twin keeps
+    the reconstruction's `lossless` flag so that both crops take the same augmentation branches.
+    """
+    real_slots = [i for i, sample in enumerate(drawn) if sample.family == 0]
+    twins: dict[int, tuple[int, Sample]] = {}
+    for i, sample in enumerate(drawn):
+        if sample.is_reconstruction and sample.partner is not None and real_slots:
+            twin = replace(sample, pixels=sample.partner, family=0, is_reconstruction=False, partner=None)
+            twins[real_slots.pop()] = (i, twin)
+    return twins
 
 
 def sampling_probabilities(
@@ -416,6 +455,7 @@ def train_net(
             batch_size=config.batch_size,
             aug=config.augmentation,
             rng=rng,
+            paired=config.paired_reconstructions,
         )
         loss = F.cross_entropy(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
         optimiser.zero_grad(set_to_none=True)
@@ -671,7 +711,15 @@ def train(
             device=config.device,
         )
         samples += [
-            Sample(pixels=p, family=1, lossless=True, source="taef2", is_reconstruction=True) for p in recon
+            Sample(
+                pixels=p,
+                family=1,
+                lossless=True,
+                source="taef2",
+                is_reconstruction=True,
+                partner=reconstructed_region(cache.images[i], config.reconstruction_side),
+            )
+            for i, p in zip(real_idx, recon, strict=True)
         ]
         n_recon = len(recon)
     net = train_net(samples, config, log)

@@ -21,9 +21,12 @@ from models.training import (
     Augmentation,
     Sample,
     TrainConfig,
+    _batch,
     augmented_crop,
     real_thresholds,
     recalibrate,
+    reconstructed_region,
+    reconstructions,
     sampling_probabilities,
     saved_training_config,
     split_calibration,
@@ -292,6 +295,63 @@ def test_augmentation_never_depends_on_the_class():
         real = augmented_crop(real_sample, 64, aug, np.random.default_rng(seed))
         fake = augmented_crop(fake_sample, 64, aug, np.random.default_rng(seed))
         assert np.array_equal(real, fake)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_paired_reconstructions_bring_their_real_photo_cropped_alike(paired):
+    rng = np.random.default_rng(0)
+    photo = _camera_like(rng, 96)
+    # A "reconstruction" with the very pixels of its photo: a twin cropped alike is then the same crop.
+    reconstruction = Sample(
+        photo.copy(), family=1, lossless=True, source="taef2", is_reconstruction=True, partner=photo
+    )
+    other_real = Sample(_camera_like(rng, 96), family=0, lossless=False, source="camera")
+    generated = Sample(_smooth_noise(rng, 96), family=1, lossless=True, source="generator")
+    probabilities = np.array([0.5, 0.2, 0.3])
+    # The batch's first draw from its generator is which samples it holds.
+    drawn = np.random.default_rng(1).choice(3, size=48, p=probabilities)
+    x, y = _batch(
+        [other_real, reconstruction, generated],
+        probabilities=probabilities,
+        size=64,
+        batch_size=48,
+        aug=Augmentation(off_lattice_p=0.5, lossless_history_p=0.5, final_jpeg_p=0.5),
+        rng=np.random.default_rng(1),
+        paired=paired,
+    )
+    crops, labels = x.numpy(), y.numpy()
+    real_slots = np.flatnonzero(labels == 0)
+    twins = [
+        i for i in np.flatnonzero(drawn == 1) if any(np.array_equal(crops[i], crops[j]) for j in real_slots)
+    ]
+    n_reconstructions = int((drawn == 1).sum())
+    assert 0 < n_reconstructions < int((drawn == 0).sum())
+    if paired:
+        # Every reconstruction drawn has its twin among the real crops, which replaced real draws one for one.
+        assert len(twins) == n_reconstructions
+        assert len(real_slots) == int((drawn == 0).sum())
+        assert all(labels[i] == 1 for i in twins)
+    else:
+        assert twins == []
+        assert np.array_equal(labels, np.where(drawn == 0, 0, 1))
+
+
+def test_reconstructions_have_the_shape_of_the_region_they_pair_with(tmp_path):
+    weights = shared_dir() / "weights" / "taef2"
+    if not (weights / "taef2_encoder.pth").is_file():
+        pytest.skip(f"taef2 weights not found at {weights}")
+    torch.set_num_threads(1)
+    photo = _camera_like(np.random.default_rng(3), 140)[:, :100]
+    (reconstruction,) = reconstructions(
+        [photo], ["photo"], taef2_dir=weights, side=64, cache_path=tmp_path / "taef2.pt", log=lambda _: None
+    )
+    region = reconstructed_region(photo, 64)
+    assert region.shape == reconstruction.shape == (64, 64, 3)
+    assert np.array_equal(region, photo[38:102, 18:82])
+    # The autoencoder smooths the sensor-like noise away but keeps the region's brightness ramp.
+    column_means = region.mean(axis=(0, 2)), reconstruction.mean(axis=(0, 2))
+    assert np.abs(column_means[0] - column_means[1]).mean() < 10
+    assert np.corrcoef(*column_means)[0, 1] > 0.9
 
 
 def test_texture_candidates_draw_crops_where_the_image_has_texture():
