@@ -30,12 +30,13 @@ Recipe (the reasons are in MODEL_CARD.md):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -345,28 +346,24 @@ def _batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     drawn = [samples[int(i)] for i in rng.choice(len(samples), size=batch_size, p=probabilities)]
     twins = _twins(drawn) if paired else {}
+    twin_slots = {slot for slot, _ in twins.values()}
     crops = np.empty((batch_size, size, size, 3), dtype=np.uint8)
     labels = np.array([sample.family for sample in drawn], dtype=np.int64)
-    paired_slots = {reconstruction_slot for reconstruction_slot, _ in twins.values()}
-    draws_before: dict[int, Mapping[str, Any]] = {}
     for i, sample in enumerate(drawn):
-        if i in twins:
+        if i in twin_slots:
             continue
-        if i in paired_slots:
-            draws_before[i] = rng.bit_generator.state
+        if i in twins:
+            # A copy of the generator replays this crop's draws: same position, flip and JPEG steps.
+            slot, twin = twins[i]
+            crops[slot] = augmented_crop(twin, size, aug, copy.deepcopy(rng))
+            labels[slot] = 0
         crops[i] = augmented_crop(sample, size, aug, rng)
-    for slot, (reconstruction_slot, twin) in twins.items():
-        # The same random draws as its reconstruction's crop: same position, flip and JPEG steps.
-        replay = np.random.Generator(type(rng.bit_generator)())
-        replay.bit_generator.state = draws_before[reconstruction_slot]
-        crops[slot] = augmented_crop(twin, size, aug, replay)
-        labels[slot] = 0
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
     return x, torch.from_numpy(labels)
 
 
 def _twins(drawn: Sequence[Sample]) -> dict[int, tuple[int, Sample]]:
-    """Slot of a real draw -> (slot of a drawn reconstruction, its real photo as a sample to crop there).
+    """Slot of a drawn reconstruction -> (slot of a real draw, its real photo as a sample to crop there).
 
     Each reconstruction with a partner takes one real slot (last first) while any are left. The twin keeps
     the reconstruction's `lossless` flag so that both crops take the same augmentation branches.
@@ -376,7 +373,7 @@ def _twins(drawn: Sequence[Sample]) -> dict[int, tuple[int, Sample]]:
     for i, sample in enumerate(drawn):
         if sample.is_reconstruction and sample.partner is not None and real_slots:
             twin = replace(sample, pixels=sample.partner, family=0, is_reconstruction=False, partner=None)
-            twins[real_slots.pop()] = (i, twin)
+            twins[i] = (real_slots.pop(), twin)
     return twins
 
 
