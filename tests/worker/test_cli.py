@@ -126,6 +126,18 @@ def test_demo_writes_labelled_examples_and_scans_them(tmp_path):
     assert sorted(path.name for path in images_dir.iterdir()) == sorted(labels)
 
 
+def test_a_directory_scan_names_the_files_it_leaves_out(tmp_path, images):
+    (images / "nested" / "three.apng").write_bytes(photo_bytes("chelsea.png", offset=85))
+    result = run("scan", str(images), "--db", str(tmp_path / "scan.db"), "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert {Path(row["input"]).name for row in json.loads(result.stdout)} == {
+        "one.png",
+        "two.jpg",
+        "three.apng",
+    }
+    assert "skipped 1 file(s) without an image suffix (notes.txt)" in result.stderr
+
+
 def test_scan_refuses_missing_paths(tmp_path):
     result = run("scan", str(tmp_path / "missing.png"), "--db", str(tmp_path / "x.db"))
     assert result.exit_code == 2 and "no such file" in result.stderr

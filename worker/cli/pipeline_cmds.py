@@ -35,8 +35,24 @@ from worker import pipeline
 from worker.settings import Settings, SettingsError, load_settings
 
 IMAGE_SUFFIXES: Final = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".heic", ".heif", ".avif"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".mpo",
+        ".png",
+        ".apng",
+        ".webp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".bmp",
+        ".heic",
+        ".heif",
+        ".avif",
+    }
 )
+#: How many names of the files a directory scan leaves out are printed (the count is always printed).
+SKIPPED_NAMES_SHOWN: Final = 5
 FORMATS: Final = ("table", "json")
 CELL_MAX_CHARS: Final = 70
 T = TypeVar("T")
@@ -187,15 +203,28 @@ def expand_inputs(arguments: Iterable[str]) -> list[ScanInput]:
         else:
             path = Path(argument)
             if path.is_dir():
-                files = sorted(
-                    p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                )
-                inputs += [ScanInput(name=str(file), path=file) for file in files]
+                files = sorted(p for p in path.rglob("*") if p.is_file())
+                images = [file for file in files if file.suffix.lower() in IMAGE_SUFFIXES]
+                inputs += [ScanInput(name=str(file), path=file) for file in images]
+                _report_skipped(path, [file for file in files if file.suffix.lower() not in IMAGE_SUFFIXES])
             elif path.is_file():
                 inputs.append(ScanInput(name=str(path), path=path))
             else:
                 raise click.BadParameter(f"no such file, directory or URL: {argument}")
     return inputs
+
+
+def _report_skipped(directory: Path, skipped: Sequence[Path]) -> None:
+    """Say on stderr which files of a directory were not collected, so none is left out unannounced."""
+    if not skipped:
+        return
+    names = [str(file.relative_to(directory)) for file in skipped[:SKIPPED_NAMES_SHOWN]]
+    more = f" and {len(skipped) - len(names)} more" if len(skipped) > len(names) else ""
+    click.echo(
+        f"{directory}: skipped {len(skipped)} file(s) without an image suffix ({', '.join(names)}{more}); "
+        "name a file to check it anyway",
+        err=True,
+    )
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
