@@ -173,6 +173,10 @@ def fetch_image(
         raise FetchError(f"invalid URL: {exc}", transient=False) from None
     except httpx.TransportError as exc:
         raise FetchError(f"network error: {type(exc).__name__}: {exc}", transient=True) from None
+    except ValueError as exc:
+        # httpx and idna raise ValueError / UnicodeError (IDNAError) for a malformed host, e.g. a redirect to
+        # http://xn--/, while building or sending a request: a property of this URL, not of the worker.
+        raise FetchError(f"invalid URL: {type(exc).__name__}: {exc}", transient=False) from None
     finally:
         if own_client:
             http.close()

@@ -141,11 +141,15 @@ def claim(session: Session, check_ids: Sequence[uuid.UUID], settings: Settings) 
     dead = PipelineResult()
     for check in checks:
         if check.attempts >= settings.max_attempts:
+            reason = (
+                f"dead-lettered: processing was started {check.attempts} times without finishing "
+                f"(limit SYNTHGUARD_MAX_ATTEMPTS={settings.max_attempts}); the image may crash the worker"
+            )
+            # An earlier attempt may have stored why it did not finish (e.g. a fetch to retry): keep it.
             _store_failure(
                 session,
                 check,
-                f"dead-lettered: processing was started {check.attempts} times without finishing "
-                f"(limit SYNTHGUARD_MAX_ATTEMPTS={settings.max_attempts}); the image may crash the worker",
+                f"{reason}; last error: {check.error}" if check.error else reason,
                 settings,
                 dead,
             )
@@ -209,6 +213,11 @@ def run(
             continue
         except _InvalidInputError as exc:
             _store_failure(session, check, str(exc), settings, result)
+            continue
+        except Exception as exc:
+            # An error no fetch path expected belongs to this check's URL: fail it alone, not its batch.
+            log.exception("fetching check %s failed unexpectedly", check.id)
+            _store_failure(session, check, f"fetch failed: {type(exc).__name__}: {exc}", settings, result)
             continue
         sha256 = hashlib.sha256(data).hexdigest()
         check.sha256 = sha256

@@ -203,6 +203,14 @@ def test_redirect_to_forbidden_target_is_refused(scripted: ScriptedServer, locat
     assert "refused" in failed.value.reason
 
 
+def test_redirect_to_a_malformed_host_is_a_fetch_error(scripted: ScriptedServer) -> None:
+    # idna refuses "xn--" (an empty Punycode label) with IDNAError, a UnicodeError, as the request is built.
+    scripted.routes["/r"] = respond("302 Found", headers={"Location": "http://xn--/a.png"})
+    with pytest.raises(FetchError, match="invalid URL") as failed:
+        fetch_image(scripted.url("/r"), settings())
+    assert not failed.value.transient
+
+
 def test_redirects_are_followed_within_the_limit(scripted: ScriptedServer) -> None:
     scripted.routes["/r1"] = respond("301 Moved", headers={"Location": "/r2"})
     scripted.routes["/r2"] = respond("307 Temporary", headers={"Location": scripted.url("/r3")})

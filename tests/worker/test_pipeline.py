@@ -239,6 +239,40 @@ def test_a_check_that_keeps_dying_is_dead_lettered(factory, counting, settings):
     assert check.error is not None and "dead-lettered" in check.error and check.attempts == 2
 
 
+def test_a_dead_lettered_check_keeps_its_last_error(factory, counting, settings):
+    check_id = submit(factory, source_url="https://images.example/slow.png")
+    limited = settings.model_copy(update={"max_attempts": 1})
+    with session_scope(factory) as session:
+        assert pipeline.claim(session, [check_id], limited).check_ids == [check_id]
+        check = session.get(Check, check_id)
+        assert check is not None
+        check.status, check.error = "queued", "fetch failed, will retry: HTTP 503"  # what run stores
+    with session_scope(factory) as session:
+        assert pipeline.claim(session, [check_id], limited).dead_lettered == [check_id]
+    error = load(factory, check_id).error
+    assert error is not None and error.startswith("dead-lettered")
+    assert error.endswith("last error: fetch failed, will retry: HTTP 503")
+
+
+def test_an_unexpected_fetch_error_fails_only_its_own_check(factory, counting, settings):
+    good = photo_bytes("coffee.png", offset=61)
+
+    def fetcher(url: str, _settings: Any) -> bytes:
+        if "broken" in url:
+            raise RuntimeError("a library error no fetch path expected")
+        return good
+
+    ids = [
+        submit(factory, source_url="https://images.example/good.png"),
+        submit(factory, source_url="https://images.example/broken.png"),
+    ]
+    process(factory, counting, ids, settings, fetcher=fetcher)
+    assert load(factory, ids[0]).status == "done"
+    broken = load(factory, ids[1])
+    assert broken.status == "failed"
+    assert broken.error == "fetch failed: RuntimeError: a library error no fetch path expected"
+
+
 def test_finished_checks_are_not_claimed_again(factory, counting, settings):
     check_id = submit(factory, image_data=photo_bytes(offset=7))
     process(factory, counting, [check_id], settings)
