@@ -17,9 +17,10 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from db.session import make_engine
-from db.tables import Check, Verdict
+from db.tables import EXTERNAL_ID_MAX_LEN, Check, Verdict
 from tests.images import photo_bytes
 from worker.cli import main
+from worker.cli.pipeline_cmds import bounded_external_id
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -141,6 +142,68 @@ def test_a_directory_scan_names_the_files_it_leaves_out(tmp_path, images):
 def test_scan_refuses_missing_paths(tmp_path):
     result = run("scan", str(tmp_path / "missing.png"), "--db", str(tmp_path / "x.db"))
     assert result.exit_code == 2 and "no such file" in result.stderr
+
+
+def test_long_ids_are_hashed_whole_and_short_ids_keep_their_form():
+    tail = "/" + "x" * EXTERNAL_ID_MAX_LEN + ".png"
+    first = bounded_external_id("url", f"https://cdn-one.example{tail}")
+    second = bounded_external_id("url", f"https://cdn-two.example{tail}")
+    assert first != second
+    assert first.startswith("url-sha256:") and len(first) == len("url-sha256:") + 64
+    assert first == bounded_external_id("url", f"https://cdn-one.example{tail}")  # stable
+    assert bounded_external_id("file", f"/{'d' * 300}/a.png@0123").startswith("file-sha256:")
+    assert bounded_external_id("url", "https://example.com/a.png") == "url:https://example.com/a.png"
+
+
+def test_scan_keeps_long_urls_that_differ_early_apart(tmp_path, httpserver):
+    tail = "/" + "x" * EXTERNAL_ID_MAX_LEN + ".png"
+    for prefix, offset in (("/a", 70), ("/b", 80)):
+        httpserver.expect_request(prefix + tail).respond_with_data(
+            photo_bytes("astronaut.png", offset=offset), content_type="image/png"
+        )
+    urls = [httpserver.url_for("/a" + tail), httpserver.url_for("/b" + tail)]
+    env = {"SYNTHGUARD_ALLOW_PRIVATE_HOSTS": "127.0.0.1,localhost"}
+    db_path = tmp_path / "urls.db"
+    result = run("scan", *urls, "--db", str(db_path), "--format", "json", env=env)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["status"] for row in rows] == ["done", "done"], [row["error"] for row in rows]
+    assert rows[0]["check_id"] != rows[1]["check_id"]
+    assert rows[0]["sha256"] != rows[1]["sha256"]  # each check got its own image
+    assert len(httpserver.log) == 2
+    engine = make_engine(f"sqlite:///{db_path}")
+    with engine.connect() as connection:
+        stored = connection.scalars(sa.select(Check.external_id)).all()
+    engine.dispose()
+    assert sorted(stored) == sorted(bounded_external_id("url", url) for url in urls)
+
+
+def test_a_database_file_that_is_not_sqlite_is_refused_with_one_line(tmp_path):
+    not_a_db = tmp_path / "notadb.txt"
+    not_a_db.write_text("just some notes, not a database\n" * 100)
+    for command in (("checks",), ("db", "upgrade")):
+        result = run(*command, "--db", str(not_a_db))
+        assert result.exit_code == 1, result.output
+        assert "file is not a database" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_scan_refuses_a_list_file_that_is_not_utf8_text(tmp_path):
+    binary = tmp_path / "photo.lst"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x80binary")
+    result = run("scan", f"@{binary}", "--db", str(tmp_path / "x.db"))
+    assert result.exit_code == 2
+    assert f"list file {binary} is not a UTF-8 text list" in result.stderr
+    assert not (tmp_path / "x.db").exists()  # refused before the database is opened
+
+
+def test_listings_refuse_an_age_before_year_one(tmp_path):
+    db_path = str(tmp_path / "since.db")
+    run("db", "upgrade", "--db", db_path)
+    for command in ("verdicts", "checks"):
+        result = run(command, "--since", "1000000d", "--db", db_path)
+        assert result.exit_code == 2
+        assert "Invalid value for --since: an age of 1000000 days reaches before year 1" in result.stderr
 
 
 def test_enqueue_reaches_a_real_worker(celery_worker, settings, pg_session_factory, tmp_path):

@@ -30,7 +30,7 @@ from db.base import utcnow
 from db.migrate import is_up_to_date, upgrade_to_head
 from db.queries import get_check, get_or_create_check, list_checks, list_verdicts
 from db.session import make_engine, make_session_factory, session_scope
-from db.tables import CHECK_STATUSES, VERDICTS, Check
+from db.tables import CHECK_STATUSES, EXTERNAL_ID_MAX_LEN, VERDICTS, Check
 from worker import pipeline
 from worker.settings import Settings, SettingsError, load_settings
 
@@ -84,6 +84,12 @@ def _safe_url(url: str) -> str:
     return sa.engine.make_url(url).render_as_string(hide_password=True)
 
 
+def _db_reason(exc: sqlalchemy.exc.DatabaseError) -> str:
+    """The driver's first line of an error ("file is not a database"), without SQLAlchemy's SQL dump."""
+    text = str(exc.orig).strip() if exc.orig else str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def open_database(settings: Settings, *, migrate: bool) -> sessionmaker[Session]:
     """A session factory for the configured database, migrated to head if ``migrate`` (else checked)."""
     engine = make_engine(settings.database_url)
@@ -98,10 +104,9 @@ def open_database(settings: Settings, *, migrate: bool) -> sessionmaker[Session]
                     "run `synthguard db upgrade`"
                 )
             upgrade_to_head(settings.database_url)
-    except sqlalchemy.exc.OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    except sqlalchemy.exc.DatabaseError as exc:  # OperationalError, or a file that is not SQLite
         raise click.ClickException(
-            f"cannot open the database {_safe_url(settings.database_url)}: {reason}"
+            f"cannot open the database {_safe_url(settings.database_url)}: {_db_reason(exc)}"
         ) from None
     return make_session_factory(engine)
 
@@ -193,13 +198,7 @@ def expand_inputs(arguments: Iterable[str]) -> list[ScanInput]:
         if argument.lower().startswith(("http://", "https://")):
             inputs.append(ScanInput(name=argument, url=argument))
         elif argument.startswith("@"):
-            list_path = Path(argument[1:])
-            if not list_path.is_file():
-                raise click.BadParameter(f"list file not found: {list_path}")
-            lines = list_path.read_text(encoding="utf-8").splitlines()
-            inputs += expand_inputs(
-                line.strip() for line in lines if line.strip() and not line.startswith("#")
-            )
+            inputs += expand_inputs(_read_list(Path(argument[1:])))
         else:
             path = Path(argument)
             if path.is_dir():
@@ -212,6 +211,19 @@ def expand_inputs(arguments: Iterable[str]) -> list[ScanInput]:
             else:
                 raise click.BadParameter(f"no such file, directory or URL: {argument}")
     return inputs
+
+
+def _read_list(list_path: Path) -> list[str]:
+    """The entries of an @list file: one path or URL a line; blank lines and # comments are left out."""
+    if not list_path.is_file():
+        raise click.BadParameter(f"list file not found: {list_path}")
+    try:
+        lines = list_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise click.BadParameter(
+            f"list file {list_path} is not a UTF-8 text list (one path or URL a line)"
+        ) from None
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def _report_skipped(directory: Path, skipped: Sequence[Path]) -> None:
@@ -232,6 +244,18 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+def bounded_external_id(kind: str, value: str) -> str:
+    """``kind:value`` if it fits the column, else ``kind-sha256:`` plus the sha256 hex of ``kind:value``.
+
+    Cutting a long id would map two URLs (or paths) that differ only early, in the host say, to one check;
+    the hash keeps them apart, and short ids keep the form already stored.
+    """
+    natural = f"{kind}:{value}"
+    if len(natural) <= EXTERNAL_ID_MAX_LEN:
+        return natural
+    return f"{kind}-sha256:{hashlib.sha256(natural.encode()).hexdigest()}"
+
+
 def create_check_for(
     session: Session,
     item: ScanInput,
@@ -244,7 +268,8 @@ def create_check_for(
     """The check for one input (created queued, or the existing one); files are read inline.
 
     A file's external id is its absolute path plus the start of its sha256, so an unchanged file maps to the
-    same check (and a rescan shows the stored result) while an edited file gets a new one.
+    same check (and a rescan shows the stored result) while an edited file gets a new one. Ids too long to
+    store are replaced by a hash of the whole id (see ``bounded_external_id``).
     """
     data: bytes | None = None
     too_large: str | None = None
@@ -257,13 +282,13 @@ def create_check_for(
         else:
             data = item.path.read_bytes()
             digest = hashlib.sha256(data).hexdigest()[:16]
-        external_id = f"file:{item.path.resolve()}@{digest}"
+        external_id = bounded_external_id("file", f"{item.path.resolve()}@{digest}")
     else:
-        external_id = f"url:{item.url}"
+        external_id = bounded_external_id("url", str(item.url))
     check, created = get_or_create_check(
         session,
         client=client,
-        external_id=external_id[-255:],
+        external_id=external_id,
         source_url=item.url,
         image_data=data,
         callback_url=callback_url,
@@ -572,9 +597,10 @@ def db_upgrade(database: str | None) -> None:
     settings = cli_settings(database)
     try:
         upgrade_to_head(settings.database_url)
-    except sqlalchemy.exc.OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise click.ClickException(f"cannot migrate {_safe_url(settings.database_url)}: {reason}") from None
+    except sqlalchemy.exc.DatabaseError as exc:  # OperationalError, or a file that is not SQLite
+        raise click.ClickException(
+            f"cannot migrate {_safe_url(settings.database_url)}: {_db_reason(exc)}"
+        ) from None
     click.echo(f"{_safe_url(settings.database_url)} is at the current schema")
 
 
@@ -584,13 +610,22 @@ _RELATIVE_SINCE: Final = re.compile(r"^(\d+)([smhdw])$")
 _UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+def _since_age(amount: int, unit: str) -> datetime:
+    try:
+        return utcnow() - timedelta(**{unit: amount})
+    except OverflowError:
+        raise click.BadParameter(
+            f"an age of {amount} {unit} reaches before year 1; use a smaller age", param_hint="--since"
+        ) from None
+
+
 def parse_since(value: str | None) -> datetime | None:
     """An ISO date/time (UTC if no zone) or a relative age such as 30m, 24h, 7d."""
     if value is None:
         return None
     match = _RELATIVE_SINCE.match(value.strip())
     if match:
-        return utcnow() - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        return _since_age(int(match.group(1)), _UNITS[match.group(2)])
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
