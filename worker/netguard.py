@@ -52,6 +52,7 @@ __all__ = [
     "ParsedTarget",
     "Resolver",
     "check_url",
+    "check_url_form",
     "deadline",
     "is_forbidden_address",
     "make_guarded_client",
@@ -348,6 +349,17 @@ def check_url(
         addresses=tuple(addresses),
         allowlisted=host_allowed or used_allowlist,
     )
+
+
+def check_url_form(url: str, allow: HostAllowlist | None = None) -> None:
+    """Refuse what ``url`` alone shows (scheme, user information, port, syntax) without resolving its host.
+
+    For a URL stored now and contacted later (a callback, an endpoint): its addresses are judged at every
+    connection, because DNS may change in between. Raises ForbiddenTargetError.
+    """
+    # The resolver answers nothing on purpose: a HostResolutionError means the form was fine.
+    with contextlib.suppress(HostResolutionError):
+        check_url(url, allow, resolver=lambda _host, _port: [])
 
 
 # --- deadline: one overall time limit over every connect, TLS handshake, read and write of a request ---

@@ -16,6 +16,7 @@ import enum
 import hashlib
 import hmac
 import json
+import logging
 import math
 import random
 import secrets
@@ -32,6 +33,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from worker import netguard
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_RETRY_DELAYS_S",
@@ -455,7 +458,7 @@ def send_webhook(
     timeout_s: float,
     refused_errors: Iterable[type[BaseException]] = (netguard.ForbiddenTargetError,),
 ) -> SendResult:
-    """POST one signed body and classify what happened. Never raises for network trouble.
+    """POST one signed body and classify what happened. Never raises: every failure is an outcome.
 
     ``client`` must not follow redirects and must only connect to validated addresses
     (``make_webhook_client``); exceptions of ``refused_errors`` raised by its transport mean the address
@@ -487,6 +490,16 @@ def send_webhook(
     except httpx.HTTPError as exc:
         return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=_describe_exception(exc))
     except OSError as exc:  # DNS failures surfaced by a custom transport
+        return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=_describe_exception(exc))
+    except (httpx.InvalidURL, ValueError) as exc:
+        # A bad port, or a host idna refuses (IDNAError is a UnicodeError), in the URL or in a redirect's
+        # Location (httpx builds the next request even when it does not follow it): no retry mends that.
+        malformed = f"malformed URL: {_describe_exception(exc)}"
+        return SendResult(Outcome.FAILED, None, _elapsed_ms(started), error=malformed)
+    except Exception as exc:
+        # Whatever else a library raises must still end as a recorded attempt: the delivery then backs off
+        # and, if it keeps failing, ends failed with this reason instead of being re-sent blind forever.
+        log.exception("webhook POST to %s failed unexpectedly", url)
         return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=_describe_exception(exc))
 
     outcome = classify_status(status)

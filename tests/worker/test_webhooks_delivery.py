@@ -253,6 +253,28 @@ def test_callback_to_private_address_is_refused_without_allowlist(
         assert reason in attempt.error and host in attempt.error
 
 
+@pytest.mark.parametrize("url", ["https://xn--/cb", "http://hooks.example:8080:9/cb"])
+def test_a_malformed_callback_url_ends_failed_with_a_recorded_attempt(pg_session_factory, fast, url):
+    _, ids = _flag(pg_session_factory, callback_url=url)
+    steps = drive(pg_session_factory, ids[0], fast)
+    assert [s.status for s in steps] == ["failed"]
+    with session_scope(pg_session_factory) as session:
+        attempt = session.scalars(sa.select(WebhookAttempt).where(WebhookAttempt.delivery_id == ids[0])).one()
+        assert attempt.error is not None and attempt.error.startswith("malformed URL:"), attempt.error
+
+
+def test_a_redirect_to_a_malformed_host_ends_failed(pg_session_factory, fast, receiver):
+    script = Script((301, {"Location": "http://xn--/cb"}))
+    receiver.expect_request("/cb").respond_with_handler(script)
+    _, ids = _flag(pg_session_factory, callback_url=receiver.url_for("/cb"))
+    steps = drive(pg_session_factory, ids[0], fast)
+    assert [s.status for s in steps] == ["failed"]
+    assert len(script.requests) == 1
+    with session_scope(pg_session_factory) as session:
+        attempt = session.scalars(sa.select(WebhookAttempt).where(WebhookAttempt.delivery_id == ids[0])).one()
+        assert attempt.error is not None and attempt.error.startswith("malformed URL:"), attempt.error
+
+
 def test_redeliver_sends_the_same_event_again(pg_session_factory, fast, receiver):
     script = Script((400, {}), (200, {}))
     receiver.expect_request("/hook").respond_with_handler(script)

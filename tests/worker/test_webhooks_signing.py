@@ -188,6 +188,8 @@ def test_send_classifies_responses_and_caps_body():
             return httpx.Response(302, headers={"location": "http://169.254.169.254/"})
         if path == "/boom":
             raise httpx.ConnectError("connection refused")
+        if path == "/bug":
+            raise RuntimeError("a library error nobody expected")
         return httpx.Response(404)
 
     client = httpx.Client(transport=httpx.MockTransport(handler), follow_redirects=False)
@@ -206,6 +208,10 @@ def test_send_classifies_responses_and_caps_body():
 
     missing = wh.send_webhook(client, "http://receiver/nope", b"{}", {}, timeout_s=5)
     assert missing.outcome is wh.Outcome.FAILED and missing.status_code == 404
+
+    # Anything else is still an outcome (retried, with its reason), never an exception for the caller.
+    bug = wh.send_webhook(client, "http://receiver/bug", b"{}", {}, timeout_s=5)
+    assert bug.outcome is wh.Outcome.RETRY and bug.error == "RuntimeError: a library error nobody expected"
 
 
 @pytest.mark.parametrize(
