@@ -32,7 +32,7 @@ from celery import Celery, Task, shared_task
 from db.queries import get_or_create_check
 from db.session import session_scope
 from db.tables import CLIENT_MAX_LEN, EXTERNAL_ID_MAX_LEN, URL_MAX_LEN
-from worker import pipeline
+from worker import netguard, pipeline
 from worker.app import runtime_for
 from worker.settings import Settings
 
@@ -82,13 +82,55 @@ def _bounded_text(payload: Mapping[str, Any], name: str, max_len: int, *, requir
         raise ValueError(f"{name} must not be empty")
     if len(value) > max_len:
         raise ValueError(f"{name} is longer than {max_len} characters")
+    _check_storable(name, value)
     return value
+
+
+def _check_storable(name: str, text: str) -> None:
+    """PostgreSQL's text and JSONB hold neither NUL characters nor lone UTF-16 surrogates; JSON has both."""
+    if "\x00" in text:
+        raise ValueError(f"{name} must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid Unicode (it holds a lone surrogate)") from None
+
+
+def _check_metadata(metadata: Any) -> None:
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    try:
+        size = len(json.dumps(metadata, allow_nan=False))
+    except ValueError as exc:  # NaN and infinities: Python's json writes them, JSONB refuses them
+        raise ValueError(f"metadata is not valid JSON ({exc})") from None
+    if size > METADATA_MAX_BYTES:
+        raise ValueError(f"metadata is larger than {METADATA_MAX_BYTES} bytes of JSON")
+    pending: list[Any] = [metadata]
+    while pending:  # every key and string value, at any depth (the size limit bounds the walk)
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += list(value.keys()) + list(value.values())
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str):
+            _check_storable("metadata", value)
 
 
 def _http_url(name: str, value: str | None) -> str | None:
     if value is not None and not value.lower().startswith(("http://", "https://")):
         raise ValueError(f"{name} must be an http(s) URL")
     return value
+
+
+def _callback_url(payload: Mapping[str, Any], settings: Settings) -> str | None:
+    url = _http_url("callback_url", _bounded_text(payload, "callback_url", URL_MAX_LEN, required=False))
+    if url is not None:
+        # Its form now (a bad port would fail every delivery); its addresses at every send, after DNS.
+        try:
+            netguard.check_url_form(url, netguard.HostAllowlist.from_settings(settings))
+        except netguard.ForbiddenTargetError as exc:
+            raise ValueError(f"callback_url refused: {exc.reason}") from None
+    return url
 
 
 def parse_check_request(payload: Mapping[str, Any], settings: Settings) -> CheckRequest:
@@ -121,15 +163,10 @@ def _parse_fields(
         if not isinstance(image_b64, str):
             raise TypeError(f"image_b64 must be a string, not {type(image_b64).__name__}")
         image_data = pipeline.decode_base64_image(image_b64, settings.max_inline_bytes)
-    callback_url = _http_url(
-        "callback_url", _bounded_text(payload, "callback_url", URL_MAX_LEN, required=False)
-    )
+    callback_url = _callback_url(payload, settings)
     metadata = payload.get("metadata")
     if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise TypeError(f"metadata must be a JSON object, not {type(metadata).__name__}")
-        if len(json.dumps(metadata)) > METADATA_MAX_BYTES:
-            raise ValueError(f"metadata is larger than {METADATA_MAX_BYTES} bytes of JSON")
+        _check_metadata(metadata)
     return CheckRequest(client, external_id, image_url, image_data, callback_url, metadata)
 
 

@@ -122,6 +122,27 @@ def test_resubmission_and_duplicate_bytes(celery_worker, celery_app, pg_session_
             {"image_url": "https://example.com/a.png", "colour": "red"},
             "invalid request: unknown field(s): colour",
         ),
+        # JSON carries these; PostgreSQL's text and JSONB columns refuse them.
+        (
+            {"image_url": "https://example.com/a\x00.png"},
+            "invalid request: image_url must not contain NUL characters",
+        ),
+        (
+            {"image_url": "https://example.com/a.png", "metadata": {"note": ["a\x00b"]}},
+            "invalid request: metadata must not contain NUL characters",
+        ),
+        (
+            {"image_url": "https://example.com/a.png", "metadata": {"\ud800": 1}},
+            "invalid request: metadata is not valid Unicode",
+        ),
+        (
+            {"image_url": "https://example.com/a.png", "metadata": {"x": float("nan")}},
+            "invalid request: metadata is not valid JSON",
+        ),
+        (
+            {"image_url": "https://example.com/a.png", "callback_url": "https://hooks.example:8080:9/cb"},
+            "invalid request: callback_url refused: invalid URL",
+        ),
     ],
 )
 def test_bad_inputs_end_as_stored_readable_failures(  # noqa: PLR0917 - fixtures and parameters
@@ -176,6 +197,15 @@ def test_oversized_inline_images_are_refused_before_decoding(settings):
     with pytest.raises(InvalidRequestError, match="client is longer than 100") as caught:
         parse_check_request({"client": "c" * 101, "external_id": "e", "image_b64": "eA=="}, small)
     assert caught.value.key is None
+
+
+def test_a_key_the_database_cannot_store_is_refused_without_a_row(settings):
+    from worker.tasks import InvalidRequestError
+
+    for external_id, reason in [("e\x00", "NUL characters"), ("e\udc80", "lone surrogate")]:
+        with pytest.raises(InvalidRequestError, match=reason) as caught:
+            parse_check_request({"client": "c", "external_id": external_id, "image_b64": "eA=="}, settings)
+        assert caught.value.key is None
 
 
 def test_python_client_submits_to_the_worker(
