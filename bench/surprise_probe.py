@@ -37,10 +37,9 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from models.data import build_pixel_cache, largest_sources, read_manifest
+from models.data import LOSSLESS_FORMATS, build_pixel_cache, largest_sources, read_manifest
 from models.evaluation import roc_auc
 from models.training import (
-    LOSSLESS_FORMATS,
     Augmentation,
     Sample,
     augmented_crop,
@@ -60,6 +59,8 @@ CONDITIONS_SCORED = ("native", "crop512_jpeg90")
 class BlindSpotPredictor(nn.Module):
     """Per pixel and channel, a Laplace location and log-scale predicted from the 7x7 neighbourhood without
     the pixel itself."""
+
+    mask: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -125,7 +126,7 @@ def train_predictor(samples: list[Sample], steps: int, seed: int) -> BlindSpotPr
         nll, _ = laplace_terms(model, batch)
         loss = nll.mean()
         optimiser.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
         schedule.step()
         if step % 500 == 0:
