@@ -339,11 +339,11 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     text = value.strip()
     if not text:
         return None
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # str.isdigit alone admits "²", which float() refuses
         return min(float(text), MAX_RETRY_AFTER_S)
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -475,8 +475,7 @@ def send_webhook(
         ):
             raw = _read_capped(response, RESPONSE_READ_LIMIT, deadline)
             status = response.status_code
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            location = response.headers.get("location")
+            response_headers = response.headers
     except refused as exc:
         reason = _refusal_text(exc)
         # netguard reports a failed DNS lookup with the same exception as a forbidden address; a lookup
@@ -502,6 +501,8 @@ def send_webhook(
         log.exception("webhook POST to %s failed unexpectedly", url)
         return SendResult(Outcome.RETRY, None, _elapsed_ms(started), error=_describe_exception(exc))
 
+    retry_after = parse_retry_after(response_headers.get("retry-after"))
+    location = response_headers.get("location")
     outcome = classify_status(status)
     error: str | None = None
     if outcome is not Outcome.SUCCEEDED:

@@ -151,6 +151,9 @@ def test_parse_retry_after():
     assert wh.parse_retry_after("120") == 120.0
     assert wh.parse_retry_after("garbage") is None
     assert wh.parse_retry_after("99999999") == wh.MAX_RETRY_AFTER_S
+    # A receiver's header never raises: odd digits, dates out of range.
+    for odd in ("\u00b2", "\u0663", "Fri, 01 Jan 99999 00:00:00 GMT", "Mon, 32 Foo 2026 99:99:99 GMT"):
+        assert wh.parse_retry_after(odd) is None, odd
     http_date = format_datetime(NOW + timedelta(seconds=90), usegmt=True)
     assert wh.parse_retry_after(http_date, now=NOW) == pytest.approx(90.0)
     past = format_datetime(NOW - timedelta(hours=1), usegmt=True)
