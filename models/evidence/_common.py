@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from functools import cached_property, lru_cache
@@ -20,6 +21,8 @@ FloatArray = NDArray[np.float32]
 ANALYSIS_SIDE = 512
 
 RANGES_PATH = Path(__file__).with_name("camera_ranges.json")
+
+log = logging.getLogger(__name__)
 
 
 def luminance(planes: Tensor) -> Tensor:
@@ -87,7 +90,10 @@ def as_inputs(crop: FloatArray | EvidenceInputs) -> EvidenceInputs:
 def _load_ranges() -> dict[str, Any]:
     try:
         loaded = json.loads(RANGES_PATH.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        # The file ships with the package: without it the evidence still works, but a reviewer should know
+        # why every number says "uncalibrated".
+        log.warning("camera ranges not loaded (%s); evidence is shown uncalibrated", exc)
         return {}
     return loaded if isinstance(loaded, dict) else {}
 
