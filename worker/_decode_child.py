@@ -39,6 +39,9 @@ MAX_HEADER_BYTES: Final = 1 << 20
 # Metadata values larger than this are dropped (a 60 MB ICC profile is not evidence worth shipping around).
 MAX_INFO_VALUE_BYTES: Final = 4 << 20
 MAX_INFO_TOTAL_BYTES: Final = 16 << 20
+#: What the parent accepts as a reply header: all the metadata the child may send (keys and JSON included,
+#: counted in ``_encoded_info``) plus room for mode, size and format. A ComfyUI workflow alone can pass 1 MiB.
+MAX_REPLY_HEADER_BYTES: Final = MAX_INFO_TOTAL_BYTES + (1 << 20)
 MAX_INFO_DEPTH: Final = 6
 
 # Magic numbers of formats Pillow can open but the allowlist refuses: only used to name them in the reason.
@@ -129,15 +132,21 @@ def _hashable(key: Any) -> Any:
 
 
 def _encoded_info(image: Image.Image) -> dict[str, Any]:
+    """image.info, tagged, within MAX_INFO_TOTAL_BYTES of JSON in all (each entry's key and separators
+    counted), so the reply header stays under MAX_REPLY_HEADER_BYTES; entries that do not fit are dropped."""
     info: dict[str, Any] = {}
     total = 0
+
+    def add(key: str, encoded: Any) -> None:
+        nonlocal total
+        value_size = len(json.dumps(encoded))
+        size = value_size + len(json.dumps(key)) + 2
+        if value_size <= MAX_INFO_VALUE_BYTES and total + size <= MAX_INFO_TOTAL_BYTES:
+            total += size
+            info[key] = encoded
+
     for key, value in image.info.items():
-        encoded = encode_value(value)
-        size = len(json.dumps(encoded))
-        if size > MAX_INFO_VALUE_BYTES or total + size > MAX_INFO_TOTAL_BYTES:
-            continue
-        total += size
-        info[str(key)] = encoded
+        add(str(key), encode_value(value))
     if "exif" not in info:
         # TIFF keeps EXIF (orientation included) in its own tags, which raw pixels lose: carry it as EXIF
         # bytes.
@@ -146,8 +155,8 @@ def _encoded_info(image: Image.Image) -> dict[str, Any]:
             exif_bytes = exif.tobytes() if len(exif) else b""
         except Exception:  # noqa: BLE001 - hostile EXIF; the pixels are still worth analysing without it
             exif_bytes = b""
-        if exif_bytes and len(exif_bytes) <= MAX_INFO_VALUE_BYTES:
-            info["exif"] = encode_value(exif_bytes)
+        if exif_bytes:
+            add("exif", encode_value(exif_bytes))
     return info
 
 

@@ -352,7 +352,7 @@ class _DeadlineReader:
 def _read_reply(fd: int, until: float) -> tuple[dict[str, Any], bytes]:
     reader = _DeadlineReader(fd, until)
     head_len = child_protocol.HEADER_LEN.unpack(reader.read_exact(child_protocol.HEADER_LEN.size))[0]
-    if head_len > child_protocol.MAX_HEADER_BYTES:
+    if head_len > child_protocol.MAX_REPLY_HEADER_BYTES:
         raise _ChildDiedError
     try:
         header = json.loads(reader.read_exact(head_len))

@@ -7,6 +7,7 @@ its images here.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import signal
@@ -211,6 +212,24 @@ def test_icc_profile_and_jpeg_info_survive() -> None:
     image = decode_image(data, SETTINGS)
     assert image.info["icc_profile"] == fake_icc
     assert tuple(round(v) for v in image.info["dpi"]) == (300, 300)
+
+
+def test_large_generator_metadata_survives_and_what_exceeds_the_budget_is_dropped() -> None:
+    # A ComfyUI workflow near Pillow's 1 MiB text-chunk limit grows past 1 MiB once quoted as JSON; it is
+    # provenance evidence, so it must come back, not fail the decode.
+    workflow = json.dumps({"nodes": [{"id": i, "type": "KSampler", "seed": i} for i in range(20_000)]})
+    assert 900_000 < len(workflow) < 1 << 20
+    info = PngImagePlugin.PngInfo()
+    info.add_text("workflow", workflow)
+    image = decode_image(encode(Image.new("RGB", (64, 64)), "PNG", pnginfo=info), SETTINGS)
+    assert image.info["workflow"] == workflow
+    # Twenty such chunks exceed what the decoding process sends back: some are dropped, the image decodes.
+    many = PngImagePlugin.PngInfo()
+    for index in range(20):
+        many.add_text(f"chunk{index}", workflow)
+    image = decode_image(encode(Image.new("RGB", (64, 64)), "PNG", pnginfo=many), SETTINGS)
+    assert image.size == (64, 64)
+    assert 0 < sum(key.startswith("chunk") for key in image.info) < 20
 
 
 def test_sixteen_bit_pixels_are_kept() -> None:
