@@ -67,7 +67,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECONCILE_TASK: Final = "synthguard.reconcile"
-# Rows handled per pass; a larger backlog of stuck checks is worked off over the next passes.
+# Rows acted on per pass (re-sent or dead-lettered); a larger backlog of stuck checks is worked off over the
+# next passes. Queued checks whose message still waits in Redis do not count.
 ROWS_PER_PASS: Final = 2000
 # Messages inspected in the Redis queue; past this, the queue is a backlog and queued checks are left alone.
 BROKER_SCAN_LIMIT: Final = 20_000
@@ -138,28 +139,46 @@ def ids_waiting_in_broker(settings: Settings) -> set[str] | None:
     return waiting
 
 
-def _stuck_checks(session: Session, settings: Settings, now: datetime) -> list[Check]:
+def _stuck_checks(
+    session: Session, settings: Settings, now: datetime, waiting: set[str] | None, limit: int
+) -> tuple[list[Check], int]:
+    """Stuck checks to act on, locked; and how many stuck ``queued`` ones were left to their waiting message.
+
+    Two bounded queries, so rows that are left alone never take the places of rows to act on: every stuck
+    ``processing`` check is acted on (re-sent or dead-lettered), and ``queued`` ones whose message still
+    waits in Redis are skipped before the limit (a backlog of them would otherwise fill every pass and hide a
+    check orphaned by a killed worker until the backlog drained).
+    """
     threshold = now - timedelta(seconds=settings.reconcile_after_s)
+    # Lock the check rows only (the verdict relationship is joined eagerly; it is not needed here).
+    locked = (
+        sa.select(Check)
+        .order_by(Check.updated_at)
+        .options(sa.orm.lazyload(Check.verdict))
+        .with_for_update(skip_locked=True, of=Check)
+    )
+    processing = session.scalars(
+        locked.where(Check.status == "processing", Check.updated_at < threshold).limit(limit)
+    ).all()
+
     retry_threshold = threshold - timedelta(seconds=settings.retry_backoff_max_s)
     # coalesce: with a NULL error the NOT(...) below would be NULL, and the row silently skipped.
-    waiting_for_retry = sa.and_(
-        Check.status == "queued", sa.func.coalesce(Check.error, "").startswith(RETRY_WAIT_PREFIX)
+    waiting_for_retry = sa.func.coalesce(Check.error, "").startswith(RETRY_WAIT_PREFIX)
+    stuck_queued = sa.and_(
+        Check.status == "queued",
+        Check.updated_at < threshold,
+        sa.or_(sa.not_(waiting_for_retry), Check.updated_at < retry_threshold),
     )
-    return list(
-        session.scalars(
-            sa.select(Check)
-            .where(
-                Check.status.in_(pipeline.CLAIMABLE_STATUSES),
-                Check.updated_at < threshold,
-                sa.or_(sa.not_(waiting_for_retry), Check.updated_at < retry_threshold),
-            )
-            .order_by(Check.updated_at)
-            .limit(ROWS_PER_PASS)
-            # Lock the check rows only (the verdict relationship is joined eagerly; it is not needed here).
-            .options(sa.orm.lazyload(Check.verdict))
-            .with_for_update(skip_locked=True, of=Check)
-        ).all()
-    )
+    # Ids first, unlocked: at most len(waiting) of them are skipped, so this many rows hold the places left.
+    # With the queue too long to inspect (waiting is None) every queued check counts as waiting.
+    places = limit - len(processing)
+    scan = places + (len(waiting) if waiting is not None else 0)
+    candidates = session.scalars(
+        sa.select(Check.id).where(stuck_queued).order_by(Check.updated_at, Check.id).limit(scan)
+    ).all()
+    lost = [check_id for check_id in candidates if waiting is not None and str(check_id) not in waiting]
+    queued = session.scalars(locked.where(Check.id.in_(lost[:places]), stuck_queued)).all() if lost else []
+    return [*processing, *queued], len(candidates) - len(lost)
 
 
 def reconcile_once(
@@ -168,8 +187,11 @@ def reconcile_once(
     settings: Settings,
     *,
     now: datetime | None = None,
+    rows_per_pass: int = ROWS_PER_PASS,
 ) -> ReconcileResult:
     """One pass: dead-letter exhausted stuck checks, re-enqueue the other stuck ones. See the module doc.
+
+    At most ``rows_per_pass`` checks are acted on; stuck ``processing`` ones first.
 
     Raises the broker's error if re-enqueueing fails; the transaction is then rolled back, so the same
     checks are found again on the next pass.
@@ -179,7 +201,7 @@ def reconcile_once(
     waiting = ids_waiting_in_broker(settings)
     delivery_ids: list[uuid.UUID] = []
     with session_scope(session_factory) as session:
-        stuck = _stuck_checks(session, settings, now)
+        stuck, result.left_in_broker = _stuck_checks(session, settings, now, waiting, rows_per_pass)
         exhausted = [check.id for check in stuck if check.attempts >= settings.max_attempts]
         if exhausted:
             delivery_ids = pipeline.fail_checks(
@@ -191,15 +213,9 @@ def reconcile_once(
                 settings,
             )
             result.dead_lettered = exhausted
-        to_send: list[Check] = []
-        for check in stuck:
-            if check.id in exhausted:
-                continue
-            if check.status == "queued" and (waiting is None or str(check.id) in waiting):
-                # Still in the queue (or the queue is a backlog too long to inspect): not lost, only waiting.
-                result.left_in_broker += 1
-                continue
-            to_send.append(check)
+        # Queued checks still in the queue (or in a backlog too long to inspect) are not lost, only waiting:
+        # _stuck_checks left them out.
+        to_send = [check for check in stuck if check.id not in exhausted]
         if to_send:
             ids = [check.id for check in to_send]
             result.messages = enqueue_checks(app, ids, settings.batch_size)

@@ -163,6 +163,43 @@ def test_queued_check_still_waiting_in_the_broker_is_not_duplicated(
 
 
 @pytest.mark.usefixtures("pg_clean")
+def test_a_backlog_waiting_in_the_broker_does_not_hide_orphaned_checks(
+    celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
+) -> None:
+    # More old queued checks waiting in Redis than a pass acts on (a small limit stands for the 2000).
+    backlog = [make_check(pg_session_factory, status="queued", age_s=3600) for _ in range(4)]
+    for check_id in backlog:
+        celery_app.send_task(PROCESS_CHECKS_TASK, kwargs={"check_ids": [str(check_id)]})
+    # Newer than the backlog: one claimed by a worker killed since, one whose message was lost.
+    orphaned = make_check(pg_session_factory, status="processing", attempts=1)
+    lost = make_check(pg_session_factory, status="queued")
+
+    result = reconcile_once(celery_app, pg_session_factory, settings, now=later(settings), rows_per_pass=3)
+
+    assert result.requeued == [orphaned, lost]
+    assert result.left_in_broker == len(backlog)
+    assert queued_ids(broker, settings.queue_name)[len(backlog) :] == [[str(orphaned), str(lost)]]
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_a_pass_acts_on_at_most_rows_per_pass_and_the_next_pass_goes_on(
+    celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
+) -> None:
+    oldest_first = [
+        make_check(pg_session_factory, status="processing", attempts=1, age_s=age) for age in (30, 20, 10)
+    ]
+    lost = make_check(pg_session_factory, status="queued", age_s=40)
+    now = later(settings)
+
+    first = reconcile_once(celery_app, pg_session_factory, settings, now=now, rows_per_pass=2)
+    second = reconcile_once(celery_app, pg_session_factory, settings, now=now, rows_per_pass=2)
+
+    assert first.requeued == oldest_first[:2]  # processing checks first, however old the queued one is
+    assert second.requeued == [oldest_first[2], lost]
+    assert broker.llen(settings.queue_name) == first.messages + second.messages
+
+
+@pytest.mark.usefixtures("pg_clean")
 def test_check_waiting_for_a_fetch_retry_gets_the_backoff_as_grace(
     celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
 ) -> None:
