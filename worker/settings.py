@@ -11,7 +11,7 @@ import re
 from functools import cached_property
 from typing import Annotated, Any, Final
 
-from pydantic import Field, NonNegativeFloat, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -27,8 +27,12 @@ _PLACEHOLDER_SECRETS: Final = frozenset(
     {"changeme", "change-me", "changethis", "secret", "password", "synthguard"}
 )
 SECRET_KEY_MIN_LEN: Final = 16
+#: The longest duration any setting accepts: every duration ends up in a datetime or a deadline, and one past
+#: year 9999 (or infinite) would fail there, at run time, instead of here.
+MAX_DURATION_S: Final = 365 * 86400
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+RetryDelay = Annotated[float, Field(ge=0, le=MAX_DURATION_S)]
 
 
 class SettingsError(Exception):
@@ -38,7 +42,7 @@ class SettingsError(Exception):
 class Settings(BaseSettings):
     """Every tunable of synthguard. Environment variable = ``SYNTHGUARD_`` + field name in upper case."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, allow_inf_nan=False)
 
     database_url: str = "sqlite:///./synthguard.db"
     broker_url: str = "redis://localhost:6379/0"
@@ -52,46 +56,47 @@ class Settings(BaseSettings):
     store_raw_images: bool = False
 
     fetch_max_bytes: int = Field(default=20 * MIB, gt=0)
-    fetch_timeout_s: float = Field(default=20.0, gt=0)
+    fetch_timeout_s: float = Field(default=20.0, gt=0, le=MAX_DURATION_S)
     fetch_max_redirects: int = Field(default=3, ge=0)
     max_pixels: int = Field(default=40_000_000, gt=0)
     max_frames: int = Field(default=1, ge=1)
     max_inline_bytes: int = Field(default=20 * MIB, gt=0)
-    decode_timeout_s: float = Field(default=20.0, gt=0)
+    decode_timeout_s: float = Field(default=20.0, gt=0, le=MAX_DURATION_S)
     batch_size: int = Field(default=8, ge=1)
     # A check whose processing was started this many times without finishing is failed (dead-lettered).
     max_attempts: int = Field(default=5, ge=1)
-    reconcile_after_s: float = Field(default=120.0, gt=0)
-    webhook_timeout_s: float = Field(default=15.0, gt=0)
+    reconcile_after_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S)
+    webhook_timeout_s: float = Field(default=15.0, gt=0, le=MAX_DURATION_S)
     # Webhook delivery (worker/webhook_delivery.py). Wait before attempt 1, 2, ...: the Standard Webhooks/Svix
     # schedule (8 attempts over ~28 h), jittered by +-webhook_retry_jitter.
     # NoDecode: the environment value is "0,5,300" or a JSON list, split by _split_delays below.
-    webhook_retry_delays_s: Annotated[tuple[NonNegativeFloat, ...], NoDecode] = Field(
+    webhook_retry_delays_s: Annotated[tuple[RetryDelay, ...], NoDecode] = Field(
         default=(0, 5, 300, 1800, 7200, 18000, 36000, 36000), min_length=1
     )
     webhook_retry_jitter: float = Field(default=0.2, ge=0, lt=1)
     # An endpoint whose attempts have all failed for this long is disabled (Svix: 5 days).
-    webhook_disable_after_s: float = Field(default=5 * 86400.0, gt=0)
+    webhook_disable_after_s: float = Field(default=5 * 86400.0, gt=0, le=MAX_DURATION_S)
     # After rotate-secret the old secret keeps signing beside the new one this long.
-    webhook_secret_overlap_s: float = Field(default=86400.0, ge=0)
+    webhook_secret_overlap_s: float = Field(default=86400.0, ge=0, le=MAX_DURATION_S)
     # The sweep re-enqueues pending deliveries due for longer than the grace (their task was lost).
-    webhook_sweep_interval_s: float = Field(default=30.0, gt=0)
-    webhook_sweep_grace_s: float = Field(default=60.0, ge=0)
+    webhook_sweep_interval_s: float = Field(default=30.0, gt=0, le=MAX_DURATION_S)
+    webhook_sweep_grace_s: float = Field(default=60.0, ge=0, le=MAX_DURATION_S)
     # Retries due sooner than this ride a broker countdown; later ones wait for the sweep (a Redis ETA task
     # older than the visibility timeout would be redelivered twice).
-    webhook_eta_max_s: float = Field(default=600.0, ge=0)
+    webhook_eta_max_s: float = Field(default=600.0, ge=0, le=MAX_DURATION_S)
 
     # Transient fetch errors (timeouts, 5xx) are retried by the task this many times with exponential backoff.
     fetch_retries: int = Field(default=3, ge=0)
-    retry_backoff_max_s: int = Field(default=300, ge=1)
+    retry_backoff_max_s: int = Field(default=300, ge=1, le=MAX_DURATION_S)
     # Celery worker tuning.
     worker_concurrency: int = Field(default=1, ge=1)
     worker_max_tasks_per_child: int = Field(default=200, ge=1)
     # A message not acknowledged within this time is redelivered by Redis; longer than the slowest task.
-    broker_visibility_timeout_s: int = Field(default=900, ge=1)
-    queue_name: str = "synthguard"
+    broker_visibility_timeout_s: int = Field(default=900, ge=1, le=MAX_DURATION_S)
+    # The Redis key (or AMQP queue) tasks go to; an empty name would send them nowhere a worker listens.
+    queue_name: str = Field(default="synthguard", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
     # A task running longer than this is killed (its child restarts; the attempt counts toward max_attempts).
-    task_time_limit_s: int = Field(default=900, ge=1)
+    task_time_limit_s: int = Field(default=900, ge=1, le=MAX_DURATION_S)
 
     @field_validator("database_url")
     @classmethod

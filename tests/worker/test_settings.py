@@ -55,6 +55,14 @@ def test_environment_variables_are_read(monkeypatch):
         ),
         ({"max_pixels": 0}, "SYNTHGUARD_MAX_PIXELS"),
         ({"device": "tpu"}, "SYNTHGUARD_DEVICE: must be auto"),
+        # Durations end up in datetimes and deadlines: an infinite or absurd one must fail here, not there.
+        ({"decode_timeout_s": float("inf")}, "SYNTHGUARD_DECODE_TIMEOUT_S"),
+        ({"fetch_timeout_s": float("nan")}, "SYNTHGUARD_FETCH_TIMEOUT_S"),
+        ({"webhook_sweep_grace_s": 1e12}, "SYNTHGUARD_WEBHOOK_SWEEP_GRACE_S"),
+        ({"webhook_retry_delays_s": "0,inf"}, "SYNTHGUARD_WEBHOOK_RETRY_DELAYS_S"),
+        ({"webhook_retry_delays_s": "0,1e12"}, "SYNTHGUARD_WEBHOOK_RETRY_DELAYS_S"),
+        ({"queue_name": ""}, "SYNTHGUARD_QUEUE_NAME"),
+        ({"queue_name": "has space"}, "SYNTHGUARD_QUEUE_NAME"),
     ],
 )
 def test_invalid_settings_give_one_line_naming_the_variable(overrides, expected):
@@ -64,6 +72,12 @@ def test_invalid_settings_give_one_line_naming_the_variable(overrides, expected)
     assert expected in message
     assert "\n" not in message
     assert "hunter2" not in message  # values (which may hold passwords) are never echoed
+
+
+def test_an_infinite_duration_in_the_environment_is_refused(monkeypatch):
+    monkeypatch.setenv("SYNTHGUARD_RECONCILE_AFTER_S", "inf")
+    with pytest.raises(SettingsError, match="SYNTHGUARD_RECONCILE_AFTER_S"):
+        load_settings()
 
 
 def test_missing_secret_is_reported_where_it_is_needed():
