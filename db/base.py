@@ -23,8 +23,26 @@ NAMING_CONVENTION = {
 # JSON that becomes JSONB on PostgreSQL (indexable, queryable with ->>), plain JSON text on SQLite.
 JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timezone-aware timestamp, bound in UTC.
+
+    SQLite keeps the text of a datetime without its offset, so a value bound with another offset (a
+    ``--since`` of ``13:30+02:00``) would compare as if it were UTC; converting first keeps SQLite and
+    PostgreSQL alike. Read back as the underlying type returns it.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            return value.astimezone(UTC)
+        return value
+
+
 # Every timestamp is timezone-aware and stored in UTC.
-TZDateTime = sa.DateTime(timezone=True)
+TZDateTime = UTCDateTime()
 
 
 def utcnow() -> datetime:

@@ -192,3 +192,20 @@ def test_listings_filter_by_status_and_age(factory):
         assert {check.external_id for check in list_checks(session)} == {"q", "f"}
         stale = stale_checks(session, older_than=utcnow() - timedelta(minutes=5))
         assert [check.external_id for check in stale] == ["q"]
+
+
+def test_since_with_an_offset_means_the_same_instant_on_every_backend(factory):
+    from datetime import UTC, datetime, timedelta, timezone
+
+    created = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    client = f"tz-{uuid.uuid4().hex[:8]}"
+    with session_scope(factory) as session:
+        session.add(Check(client=client, external_id="x", created_at=created, updated_at=created))
+    plus_two = timezone(timedelta(hours=2))
+    cases = [
+        (datetime(2026, 1, 1, 13, 30, tzinfo=plus_two), 1),
+        (datetime(2026, 1, 1, 14, 30, tzinfo=plus_two), 0),
+    ]
+    for since, expected in cases:  # 11:30Z and 12:30Z, written as +02:00
+        with session_scope(factory) as session:
+            assert len(list_checks(session, client=client, since=since)) == expected, since
