@@ -7,7 +7,10 @@ commit: the caller owns the transactions. Two of them, on purpose:
    this BEFORE the risky work, so an image that kills the process every time still leaves its attempt count
    behind and is dead-lettered after ``settings.max_attempts`` instead of looping forever.
 2. ``run(session, detector, ids, settings)`` does the work and stores every outcome: a verdict, or status
-   ``failed`` with a reason a person can read. Transient fetch errors are handed back for a retry.
+   ``failed`` with a reason a person can read. Transient fetch errors are handed back for a retry. The work
+   takes time, and meanwhile another worker may finish the check (the reconciler dead-letters it, a duplicate
+   message's attempt stores its verdict): an outcome is stored only after the row is locked and found still
+   unfinished; otherwise this attempt's outcome is dropped and the earlier one stands.
 
 The webhook outbox rows are written in the same transaction as the verdict (``worker.outbox``); the ids they
 return are enqueued by the caller after commit.
@@ -204,10 +207,7 @@ def run(
             data = _image_bytes(check, settings, fetcher)
         except FetchError as exc:
             if exc.transient and retry_transient:
-                check.status = "queued"
-                check.error = readable(f"fetch failed, will retry: {exc.reason}")
-                result.retry_ids.append(check.id)
-                result.outcomes.append(CheckOutcome(check.id, "queued", check.error))
+                _store_retry(session, check, exc.reason, result)
             else:
                 _store_failure(session, check, f"fetch failed: {exc.reason}", settings, result)
             continue
@@ -429,6 +429,33 @@ def json_safe(value: Any) -> Any:
 # --- storing outcomes ------------------------------------------------------------------------------------
 
 
+def _lock_unfinished(session: Session, check: Check) -> bool:
+    """Lock the check's row and tell whether it is still unfinished, so an outcome may be stored on it.
+
+    ``run`` read the row before its slow work; meanwhile another worker may have stored an outcome (the
+    reconciler or a claim dead-lettering an attempt it took for dead, a duplicate message's attempt). The row
+    lock makes that worker's transaction and this one store one after the other, and the status read under it
+    is the latest. SQLite has no ``FOR UPDATE``; it lets one writer at a time, so the status read is the
+    latest there too. A finished check keeps its status, error and webhooks; this attempt's outcome is
+    dropped.
+    """
+    status = session.scalar(sa.select(Check.status).where(Check.id == check.id).with_for_update())
+    if status in CLAIMABLE_STATUSES:
+        return True
+    log.warning("check %s became %s while this attempt ran; its outcome is not stored", check.id, status)
+    session.expire(check)
+    return False
+
+
+def _store_retry(session: Session, check: Check, reason: str, result: PipelineResult) -> None:
+    if not _lock_unfinished(session, check):
+        return
+    check.status = "queued"
+    check.error = readable(f"fetch failed, will retry: {reason}")
+    result.retry_ids.append(check.id)
+    result.outcomes.append(CheckOutcome(check.id, "queued", check.error))
+
+
 def _store_done(
     session: Session,
     check: Check,
@@ -437,6 +464,8 @@ def _store_done(
     *,
     reused: bool,
 ) -> None:
+    if not _lock_unfinished(session, check):
+        return
     now = utcnow()
     check.verdict = verdict
     check.status = "done"
@@ -453,6 +482,8 @@ def _store_done(
 def _store_failure(
     session: Session, check: Check, reason: str, settings: Settings, result: PipelineResult
 ) -> None:
+    if not _lock_unfinished(session, check):
+        return
     _fail(check, reason, settings)
     session.flush()
     result.delivery_ids += outbox.record_check_failed(session, check)
@@ -475,7 +506,9 @@ def fail_checks(
     """Fail still-unfinished checks with ``reason`` (e.g. retries exhausted); return outbox delivery ids."""
     result = PipelineResult()
     for check in session.scalars(
-        sa.select(Check).where(Check.id.in_(list(check_ids)), Check.status.in_(CLAIMABLE_STATUSES))
+        sa.select(Check)
+        .where(Check.id.in_(list(check_ids)), Check.status.in_(CLAIMABLE_STATUSES))
+        .with_for_update()
     ).all():
         detail = f"{reason}: {check.error}" if check.error else reason
         _store_failure(session, check, detail, settings, result)

@@ -15,10 +15,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.queries import get_or_create_check
 from db.session import make_engine, make_session_factory, session_scope
 from db.tables import Check, Evidence, Verdict
+from db.webhook_tables import WebhookDelivery
 from models import ImageInput
 from tests.images import noise_bytes, photo_bytes
 from worker import pipeline
+from worker.fetch import FetchError
 from worker.settings import Settings
+from worker.webhook_endpoints import create_endpoint
+from worker.webhooks import EVENT_COMPLETED, EVENT_FAILED, EVENT_FLAGGED, SecretCipher
 
 
 class CountingDetector:
@@ -271,6 +275,56 @@ def test_an_unexpected_fetch_error_fails_only_its_own_check(factory, counting, s
     broken = load(factory, ids[1])
     assert broken.status == "failed"
     assert broken.error == "fetch failed: RuntimeError: a library error no fetch path expected"
+
+
+def _finished_meanwhile_by_another_worker(
+    factory: sessionmaker[Session], settings: Settings, check_id: uuid.UUID
+) -> str:
+    """What the reconciler does to an attempt it takes for dead: dead-letter it, in its own transaction."""
+    with session_scope(factory) as session:
+        assert pipeline.fail_checks(session, [check_id], "dead-lettered: started 1 or more times", settings)
+    error = load(factory, check_id).error
+    assert error is not None
+    return error
+
+
+def _events(factory: sessionmaker[Session], check_id: uuid.UUID) -> list[str]:
+    with session_scope(factory) as session:
+        return list(
+            session.scalars(sa.select(WebhookDelivery.event_type).where(WebhookDelivery.check_id == check_id))
+        )
+
+
+@pytest.mark.parametrize("fetch_fails", [False, True], ids=["verdict", "transient-fetch-error"])
+def test_a_check_finished_by_another_worker_during_the_attempt_keeps_that_outcome(
+    factory, counting, settings, fetch_fails
+):
+    with session_scope(factory) as session:
+        create_endpoint(
+            session,
+            SecretCipher(settings.require_secret_key()),
+            url="https://hooks.example/synthguard",
+            client="tests",
+            events=[EVENT_FLAGGED, EVENT_COMPLETED, EVENT_FAILED],
+        )
+    check_id = submit(factory, source_url="https://images.example/slow.png")
+    stored_error = ""
+
+    def slow_fetch(url: str, _settings: Any) -> bytes:
+        # Between the claim and the store: the row is finished by someone else while this attempt works.
+        nonlocal stored_error
+        stored_error = _finished_meanwhile_by_another_worker(factory, settings, check_id)
+        if fetch_fails:
+            raise FetchError("HTTP 503", transient=True)
+        return photo_bytes("coffee.png", offset=71)
+
+    result = process(factory, counting, [check_id], settings, fetcher=slow_fetch, retry_transient=True)
+
+    assert result.outcomes == [] and result.delivery_ids == [] and result.retry_ids == []
+    check = load(factory, check_id)
+    assert (check.status, check.error, check.verdict_id) == ("failed", stored_error, None)
+    assert stored_error.startswith("dead-lettered")
+    assert _events(factory, check_id) == [EVENT_FAILED]  # the dead-letter's webhook only
 
 
 def test_finished_checks_are_not_claimed_again(factory, counting, settings):

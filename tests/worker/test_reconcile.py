@@ -20,6 +20,8 @@ from db.base import utcnow
 from db.queries import get_or_create_check
 from db.session import session_scope
 from db.tables import Check
+from tests.images import photo_bytes
+from worker import pipeline
 from worker.reconcile import ids_waiting_in_broker, reconcile_interval_s, reconcile_once
 from worker.settings import Settings
 from worker.tasks import PROCESS_CHECKS_TASK
@@ -144,6 +146,35 @@ def test_exhausted_checks_are_dead_lettered_not_requeued(
     assert "dead-lettered" in dead.error
     assert str(settings.max_attempts) in dead.error
     assert queued_ids(broker, settings.queue_name) == [[str(healthy)]]
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_a_final_attempt_dead_lettered_while_it_runs_stays_failed(
+    celery_app: Any,
+    pg_session_factory: sessionmaker[Session],
+    settings: Settings,
+    broker: redis.Redis,
+    detector: Any,
+) -> None:
+    limited = settings.model_copy(update={"max_attempts": 2})
+    check_id = make_check(pg_session_factory, status="queued", attempts=1)
+    with session_scope(pg_session_factory) as session:
+        assert pipeline.claim(session, [check_id], limited).check_ids == [check_id]  # the final attempt
+    passes: list[Any] = []
+
+    def slow_fetch(url: str, _settings: Settings) -> bytes:
+        # The fetch outlasts reconcile_after_s: another worker's reconciler takes the attempt for dead.
+        passes.append(reconcile_once(celery_app, pg_session_factory, limited, now=later(limited)))
+        return photo_bytes(offset=3)
+
+    with session_scope(pg_session_factory) as session:
+        result = pipeline.run(session, detector, [check_id], limited, fetcher=slow_fetch)
+
+    assert [one.dead_lettered for one in passes] == [[check_id]]
+    assert result.outcomes == []
+    check = row(pg_session_factory, check_id)
+    assert check.status == "failed" and check.verdict_id is None
+    assert check.error is not None and check.error.startswith("dead-lettered")
 
 
 @pytest.mark.usefixtures("pg_clean")
