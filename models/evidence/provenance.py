@@ -45,8 +45,10 @@ SYNTHETIC_SOURCE_TYPES = frozenset(
 #: Declared captures: camera evidence, never decisive.
 CAPTURE_SOURCE_TYPES = frozenset({"digitalCapture", "computationalCapture", "compositeCapture"})
 _SOURCE_TYPE_RE = re.compile(r"digitalsourcetype/([A-Za-z]+)")
+# Each whitespace run has one place to go (before an rdf tag, or before the value): with two adjacent \s*
+# a long run of spaces in a crafted packet made the match time grow with the square of its length.
 _XMP_SOURCE_TYPE_RE = re.compile(
-    r"DigitalSourceType(?:\s*=\s*[\"']|>\s*(?:<rdf:[^>]*>\s*)*)\s*([^\"'<\s]+)", re.IGNORECASE
+    r"DigitalSourceType(?:\s*=\s*[\"']\s*|>(?:\s*<rdf:[^>]*>)*\s*)([^\"'<\s]+)", re.IGNORECASE
 )
 
 #: Generator names looked for in EXIF Software / XMP CreatorTool / C2PA claim generators (whole words).
@@ -65,7 +67,7 @@ _GENERATOR_NAMES = (
     "automatic1111",
     "invokeai",
     "fooocus",
-    "imagen",
+    "google imagen",  # not "imagen" alone: it is Spanish and Portuguese for "image"
     "flux.1",
     "ideogram",
     "leonardo.ai",
@@ -83,9 +85,10 @@ _GENERATOR_RE = re.compile(
 )
 
 #: PNG text keys written by image generators besides A1111's `parameters` and ComfyUI's `prompt`/`workflow`.
-_GENERATOR_TEXT_KEYS = frozenset(
-    {"invokeai_metadata", "invokeai_graph", "sd-metadata", "dream", "generation_data"}
-)
+_GENERATOR_TEXT_KEYS = frozenset({"invokeai_metadata", "invokeai_graph", "sd-metadata", "generation_data"})
+#: The old InvokeAI/lstein `dream` key holds the prompt and its switches ("... -s 50 -S 1234 -W 512 -H 512
+#: -C 7.5 -A k_lms"); "Dream" is also an ordinary word, so the key counts only with such switches in it.
+_DREAM_SWITCH_RE = re.compile(r"(?:^|\s)-[sSWHCA]\s*[\w.]+")
 _A1111_MARKERS = ("Steps:", "Sampler:", "CFG scale:", "Seed:")
 _MODEL_FILE_RE = re.compile(r"[^\s\"'/\\]+\.(?:safetensors|ckpt|pt|pth|bin|gguf|sft)\b", re.I)
 _MODEL_KEYS = ("ckpt_name", "unet_name", "model_name", "checkpoint", "base_ckpt_name")
@@ -355,20 +358,32 @@ def _read_png_text(image: Image.Image, found: _Findings) -> None:
             detail = f"'{original}' generator metadata" + (f"; models {', '.join(models)}" if models else "")
             found.add("generation_parameters", detail, "generated", decisive=True)
             found.hint(models[0] if models else original)
-    for key in ("software", "source", "comment"):
+    dream = lowered.get("dream")
+    if dream is not None:
+        text = _text(info[dream])
+        if len(_DREAM_SWITCH_RE.findall(text)) >= 2:
+            found.add(
+                "generation_parameters", "'dream' prompt with generation switches", "generated", decisive=True
+            )
+            found.hint("InvokeAI (dream)")
+        else:
+            found.add("png_text", "'dream' text chunk without generation switches")
+    # Software and Source name the tool that made the file; a Comment is free text that may merely mention
+    # a generator ("inspired by Midjourney"), so it points the same way without deciding.
+    for key, decisive in (("software", True), ("source", True), ("comment", False)):
         original = lowered.get(key)
         if original is not None:
-            _check_software(_text(info[original])[:2000], f"png_text_{key}", found)
+            _check_software(_text(info[original])[:2000], f"png_text_{key}", found, decisive=decisive)
 
 
 # --- EXIF
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_software(value: str, kind: str, found: _Findings) -> None:
+def _check_software(value: str, kind: str, found: _Findings, *, decisive: bool = True) -> None:
     match = _GENERATOR_RE.search(value)
     if match:
-        found.add(kind, f"names an image generator: {_clean(value)[:200]}", "generated", decisive=True)
+        found.add(kind, f"names an image generator: {_clean(value)[:200]}", "generated", decisive=decisive)
         found.hint(match.group(1))
 
 

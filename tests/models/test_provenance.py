@@ -102,6 +102,34 @@ def test_hostile_text_chunks_are_bounded_and_never_raise() -> None:
     assert len(data) > MAX_TEXT_BYTES
 
 
+def _png_text(**chunks: str) -> dict[str, Any]:
+    info = PngImagePlugin.PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, value)
+    return _read(_encode(_pixels(), "PNG", pnginfo=info))
+
+
+def test_ordinary_words_in_metadata_decide_nothing() -> None:
+    # "imagen" is Spanish for "image"; "Dream" is a word; a comment may mention a generator in passing.
+    spanish = _read(_encode(_pixels(), "JPEG", exif=_exif(t0131="Editor de imagen 3.2")))
+    assert not spanish["decisive"] and spanish["says"] is None
+    for chunks in ({"Dream": "my holiday photo"}, {"Comment": "edited after a Midjourney tutorial"}):
+        result = _png_text(**chunks)
+        assert not result["decisive"], chunks
+    # The comment is still shown to a reviewer as a signal pointing that way: a hint, not proof.
+    signals = _png_text(Comment="edited after a Midjourney tutorial")["signals"]
+    assert [(s["kind"], s["says"], s["decisive"]) for s in signals] == [
+        ("png_text_comment", "generated", False)
+    ]
+
+
+def test_tools_and_dream_switches_still_decide() -> None:
+    assert _read(_encode(_pixels(), "JPEG", exif=_exif(t0131="Google Imagen 3")))["decisive"]
+    assert _png_text(Software="Midjourney v6")["decisive"]
+    dream = _png_text(Dream='"a castle at dawn" -s 50 -S 1234 -W 512 -H 512 -C 7.5 -A k_lms')
+    assert dream["decisive"] and dream["says"] == "generated"
+
+
 # --- XMP / IPTC
 # --------------------------------------------------------------------------------------------------
 
@@ -130,6 +158,17 @@ def test_xmp_trained_algorithmic_media_is_decisive(element: bool) -> None:
     assert result["decisive"]
     assert result["says"] == "generated"
     assert "xmp_digital_source_type" in _kinds(result)
+
+
+def test_xmp_source_type_is_found_across_whitespace_and_rdf_tags_and_a_crafted_packet_ends() -> None:
+    spaced = _xmp("trainedAlgorithmicMedia", element=True).replace(
+        b"DigitalSourceType>", b"DigitalSourceType>\n   <rdf:Alt> <rdf:li>  ", 1
+    )
+    assert _read(_encode(_pixels(), "JPEG", xmp=spaced))["decisive"]
+    # A long run of spaces after the tag and nothing to match: backtracking once grew with the square of the
+    # run (minutes at this size, hours at 900k); the scan must end, finding nothing.
+    crafted = b"<x:xmpmeta>DigitalSourceType>" + b" " * 60_000 + b"</x:xmpmeta>"
+    assert not _read(_encode(_pixels(), "PNG", pnginfo=_png_with_xmp(crafted)))["decisive"]
 
 
 def test_xmp_composite_with_trained_media_read_from_bytes_alone() -> None:
