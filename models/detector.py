@@ -28,7 +28,7 @@ from models._config import SYNTHGUARD_V1, DetectorCfg
 from models._registry import register_detector
 from models._scoring import CnnOutput, Fusion, cnn_outputs, crop_tensor, resolve_device
 from models._types import Detection, ImageInput, Verdict
-from models.errors import DetectorError
+from models.errors import DetectorError, FlatImageError
 from models.evidence import (
     FEATURE_NAMES,
     evidence_crop,
@@ -116,6 +116,26 @@ def cfg_from_weights(path: Path, name: str = "synthguard-local", version: str = 
         feature_names=fusion.feature_names,
         training_summary=f"trained from {payload['training'].get('manifest', '?')}",
     )
+
+
+#: One and a half grey levels on the [0, 1] scale: crops whose every channel spans no more are one colour
+#: (JPEG rounding of a solid colour may move a value by one level).
+FLAT_RANGE = 1.5 / 255.0
+
+
+def _textured(crops: torch.Tensor) -> torch.Tensor:
+    """`crops` (K, 3, S, S), unless every one is a single colour, each channel within FLAT_RANGE.
+
+    The network was never shown such crops, and its score on them says nothing (measured: solid colours
+    scored 0.92-0.9999, "generated").
+
+    Raises:
+        FlatImageError: every crop is flat.
+    """
+    spans = crops.amax(dim=(2, 3)) - crops.amin(dim=(2, 3))
+    if bool((spans <= FLAT_RANGE).all()):
+        raise FlatImageError
+    return crops
 
 
 @dataclass
@@ -212,10 +232,12 @@ class Detector:
             pixels = prepare_image(image)
             rgb = pixels.rgb
             prepared.size = (int(rgb.shape[1]), int(rgb.shape[0]))
-            prepared.crops = crop_tensor(
-                rgb, self.cfg.crop_size, self.cfg.max_crops, pixels.grid_offset, self.cfg.crop_candidates
-            )
             prepared.reasons.extend(pixels.notes)
+            prepared.crops = _textured(
+                crop_tensor(
+                    rgb, self.cfg.crop_size, self.cfg.max_crops, pixels.grid_offset, self.cfg.crop_candidates
+                )
+            )
         except DetectorError as exc:
             prepared.unanalysable = True
             prepared.reasons.append(str(exc))
@@ -225,7 +247,9 @@ class Detector:
             prepared.reasons.append(f"pixels could not be analysed: {type(exc).__name__}: {exc}")
             return prepared
         try:
-            prepared.evidence_pixels = evidence_crop(rgb, pixels.grid_offset)
+            # A copy, not a view: a view would keep the whole full-resolution float image alive until the
+            # batch's evidence is measured (8 images of 40 MP: about 3.8 GB).
+            prepared.evidence_pixels = evidence_crop(rgb, pixels.grid_offset).copy()
         except Exception as exc:  # noqa: BLE001 - the CNN can still score; the gap is reported
             _evidence_failed(prepared, exc)
         return prepared

@@ -24,5 +24,15 @@ class ImageTooSmallError(DetectorError):
         )
 
 
+class FlatImageError(DetectorError):
+    """Every region the detector reads is a single colour: there is no texture to analyse."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the image is flat: every region read is one colour (within one grey level), so it holds no "
+            "texture to analyse"
+        )
+
+
 class UnsupportedImageError(DetectorError):
     """The image's mode or contents cannot be turned into RGB pixels."""

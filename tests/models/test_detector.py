@@ -165,6 +165,35 @@ def test_too_small_image_is_uncertain_with_the_reason(shipped):
     assert detection.evidence["learned"]["analysed"] is False
 
 
+def _float_nan() -> Image.Image:
+    return Image.fromarray(np.full((96, 96), np.nan, dtype=np.float32), mode="F")
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        pytest.param(Image.new("RGB", (256, 256), (0, 255, 0)), id="green"),
+        pytest.param(Image.new("RGB", (300, 200), (255, 0, 255)), id="magenta"),
+        pytest.param(Image.new("L", (128, 128), 0), id="black"),
+        pytest.param(_float_nan(), id="all-NaN float"),
+    ],
+)
+def test_a_flat_image_is_unanalysable_not_scored(shipped, image):
+    detection = shipped.detect([image])[0]
+    assert (detection.verdict, detection.decided_by, detection.score) == ("uncertain", "unanalysable", 0.5)
+    assert any("flat" in reason for reason in detection.reasons), detection.reasons
+
+
+def test_a_smooth_gradient_is_still_analysed(shipped):
+    ramp = np.tile(np.linspace(0, 255, 256).astype(np.uint8), (256, 1))
+    assert shipped.detect([Image.fromarray(ramp)])[0].decided_by == "pixels"
+
+
+def test_the_evidence_crop_does_not_keep_the_whole_image_alive(shipped):
+    prepared = shipped._prepare(photo("astronaut.png", 200))
+    assert prepared.evidence_pixels is not None and prepared.evidence_pixels.base is None
+
+
 def test_one_bad_image_does_not_fail_the_batch(shipped):
     good = photo("coffee.png", 128)
     broken = ImageInput(image="not an image", data=None)  # type: ignore[arg-type]
