@@ -75,21 +75,40 @@ class ManifestRow:
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
-    """Read a manifest CSV; paths are resolved relative to the manifest's folder.
+    """Read a UTF-8 manifest CSV (a byte-order mark, as Excel writes, is allowed); paths are resolved relative
+    to the manifest's folder.
 
     Raises:
-        ManifestError: missing file, missing columns or a label other than real/fake.
+        ManifestError: missing or non-UTF-8 file, missing columns, a row without a relpath or label, or a
+            label other than real/fake.
     """
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
+    try:
+        return _read_manifest_rows(path)
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"manifest {path} is not UTF-8 text: {exc}") from exc
+    except csv.Error as exc:
+        raise ManifestError(f"manifest {path} is not a readable CSV file: {exc}") from exc
+
+
+def _read_manifest_rows(path: Path) -> list[ManifestRow]:
     rows: list[ManifestRow] = []
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = {"relpath", "label"} - set(reader.fieldnames or [])
         if missing:
             raise ManifestError(f"manifest {path} lacks the column(s) {sorted(missing)}")
-        for line_no, record in enumerate(reader, start=2):
+        for record in reader:
+            # DictReader fills the columns a short row lacks with None; a quoted newline spans lines, so the
+            # reader's own line count names the row's last line.
+            line_no = reader.line_num
+            relpath = record.get("relpath") or ""
+            if not relpath.strip():
+                raise ManifestError(f"{path}:{line_no}: the row has no relpath")
             label = (record.get("label") or "").strip().lower()
+            if not label:
+                raise ManifestError(f"{path}:{line_no}: the row has no label")
             if label not in {"real", "fake"}:
                 raise ManifestError(f"{path}:{line_no}: label {label!r} is neither 'real' nor 'fake'")
             generator = (record.get("generator") or "").strip() or (
@@ -97,7 +116,7 @@ def read_manifest(path: Path) -> list[ManifestRow]:
             )
             rows.append(
                 ManifestRow(
-                    path=path.parent / record["relpath"],
+                    path=path.parent / relpath,
                     label="real" if label == "real" else "fake",
                     generator=generator,
                     source_repo=(record.get("source_repo") or "").strip() or "unknown",
@@ -125,8 +144,10 @@ def load_rgb(path: Path) -> NDArray[np.float32]:
         with Image.open(path) as img:
             img.load()
             return to_rgb_array(img)
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"cannot decode {path}: {exc}") from exc
+    except Exception as exc:
+        # Pillow raises more than OSError on hostile files (SyntaxError for a broken APNG, struct.error,
+        # DecompressionBombError, ...); each becomes one error naming the file instead of a traceback.
+        raise ManifestError(f"cannot decode {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def _centre_crop(rgb: NDArray[np.float32], size: int) -> NDArray[np.float32]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from PIL import Image
 
 from models import create_detector
-from models.data import ManifestRow, apply_condition, largest_sources, read_manifest
+from models.data import ManifestError, ManifestRow, apply_condition, largest_sources, load_rgb, read_manifest
 from models.evaluation import (
     balanced_accuracy,
     counterpart_split,
@@ -22,6 +24,20 @@ from models.evaluation import (
     tpr_at_fpr,
 )
 from tests.models.test_training import write_tiny_manifest
+
+#: Pillow's Tests/images/apng/chunk_no_fctl.png (432 bytes): Image.open succeeds, load() raises
+#: SyntaxError("APNG contains frame sequence errors"), which is neither OSError nor ValueError.
+HOSTILE_APNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAIAAAABACAYAAADS1n9/AAAACGFjVEwAAAABAAAAALQt6aAAAADASURBVHic7c4xEQAACAAh+5fW"
+    "GAz+UYCZzWs8EIsHYvFALB6IxQOxeCAWD8TigVg8EIsHYvFALB6IxQOxeCAWD8TigVg8EIsHYvFALB6IxQOxeCAWD8TigVg8EIsH"
+    "YvFALB6IxQOxeCAWD8TigVg8EIsHYvFALB6IxQOxeCAWD8TigVg8EIsHYvFALB6IxQOxeCAWD8TigVg8EIsHYvFALB6IxQOxeCAW"
+    "D8TigVg8EIsHYvFALB6IxQOxeCAWD4Q6M/jDssHt8MMAAACXZmRBVAAAAAB4nO3SoQEAMBCEsNt/6e8YFUTEI9htR9d+B2AADIAB"
+    "MAAGwAAYAANgAAyAATAABsAAGAADYAAMgAEwAAbAABgAA2AADIABMAAGwAAYAANgAAyAATAABsAAGAADYAAMgAHiDBBngDgDxBkg"
+    "zgBxBogzQJwB4gwQZ4A4A8QZIM4AcQaIM0CcAeIMEGeAOAPEPRXYw7LaoHXkAAAAAElFTkSuQmCC"
+)
+#: Pillow's Tests/images/decompression_bomb.gif (44 bytes): a GIF that claims 65535x65535 pixels, so Pillow
+#: raises DecompressionBombError (an Exception, not an OSError).
+DECOMPRESSION_BOMB_GIF = base64.b64decode("R0lGODlhIAAgAPEDAAAAAP8AAP//AP///yH5BMkAAAAALAAAAP///ykFAI8=")
 
 
 def test_roc_auc_hand_computed():
@@ -142,3 +158,50 @@ def test_too_small_images_are_counted_not_dropped(tmp_path):
     report = evaluate(create_detector("synthguard-v1", device="cpu"), manifest, conditions=("native",))
     assert report.conditions["native"].unanalysable == 1
     assert report.conditions["native"].n_real == 2
+
+
+def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_read_manifest_accepts_a_byte_order_mark(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with a BOM, which used to hide the relpath column.
+    manifest = _write(tmp_path / "m.csv", "\ufeffrelpath,label\nreal/a.jpg,real\nfake/b.png,fake\n")
+    rows = read_manifest(manifest)
+    assert [row.path for row in rows] == [tmp_path / "real/a.jpg", tmp_path / "fake/b.png"]
+
+
+def test_read_manifest_refuses_text_that_is_not_utf8(tmp_path):
+    manifest = _write(tmp_path / "m.csv", "relpath,label\nréel/a.jpg,real\n", encoding="latin-1")
+    with pytest.raises(ManifestError, match=r"m\.csv is not UTF-8 text"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "message"),
+    [
+        ("fake/b.png", "the row has no label"),  # short row: DictReader fills label with None
+        (",fake", "the row has no relpath"),
+        ("", None),  # a blank line is skipped by csv, not an error
+    ],
+)
+def test_read_manifest_names_the_line_of_a_row_without_relpath_or_label(tmp_path, bad_row, message):
+    text = f"relpath,label,generator\nreal/a.jpg,real,camera\n{bad_row}\nfake/c.png,fake,x\n"
+    manifest = _write(tmp_path / "m.csv", text)
+    if message is None:
+        assert len(read_manifest(manifest)) == 2
+        return
+    with pytest.raises(ManifestError, match=rf"m\.csv:3: {message}"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [(HOSTILE_APNG, "SyntaxError"), (DECOMPRESSION_BOMB_GIF, "DecompressionBombError")],
+)
+def test_load_rgb_turns_any_decode_failure_into_a_manifest_error(tmp_path, data, error):
+    path = tmp_path / "hostile.img"
+    path.write_bytes(data)
+    with pytest.raises(ManifestError, match=f"cannot decode {re.escape(str(path))}: {error}"):
+        load_rgb(path)
