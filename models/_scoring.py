@@ -25,11 +25,16 @@ FloatArray = NDArray[np.float32]
 Z_CLIP = 4.0
 
 
+#: Device types the detector runs on; torch also parses "xla", "meta", "hpu", ... which cannot run it here.
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`None` or "auto": CUDA when available, else the CPU; anything else must name a device that is here.
 
     Raises:
-        DetectorError: not a torch device name, or a CUDA device this machine does not have.
+        DetectorError: not a torch device name, a device type other than cpu/cuda/mps, or a CUDA or MPS
+            device this machine does not have.
     """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,10 +42,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as exc:
         raise DetectorError(f"unknown device {str(device)!r}: {exc}") from exc
+    if resolved.type not in SUPPORTED_DEVICE_TYPES:
+        raise DetectorError(
+            f"device {str(device)!r} is not supported; use one of {', '.join(SUPPORTED_DEVICE_TYPES)} or auto"
+        )
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DetectorError("device 'cuda' was requested but CUDA is not available")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise DetectorError(f"device {str(device)!r} was requested but there is no such CUDA device")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DetectorError("device 'mps' was requested but MPS (Apple GPU) is not available")
+    if resolved.type == "mps" and (resolved.index or 0) > 0:
+        raise DetectorError(f"device {str(device)!r} was requested but there is only one MPS device, mps:0")
     return resolved
 
 
