@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 import pytest
@@ -11,8 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tests.images import photo
+from tests.models.test_evaluation import DECOMPRESSION_BOMB_GIF, HOSTILE_APNG
 from tests.models.test_training import write_tiny_manifest
-from worker.cli.models_cmds import register
+from worker.cli.models_cmds import MAX_FILE_BYTES, _read_image, register
 
 
 @pytest.fixture
@@ -54,6 +56,69 @@ def test_detect_reports_unreadable_files_and_exits_nonzero(cli, tmp_path):
     assert lines[1]["path"] == str(good) and "evidence" not in lines[1]
 
 
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (HOSTILE_APNG, "APNG contains frame sequence errors"),  # SyntaxError from Pillow
+        (DECOMPRESSION_BOMB_GIF, "decompression bomb"),
+    ],
+)
+def test_detect_reports_a_hostile_file_without_losing_the_others(cli, tmp_path, data, error):
+    good, hostile = tmp_path / "good.png", tmp_path / "hostile.png"
+    photo("chelsea.png", 128).save(good)
+    hostile.write_bytes(data)
+    result = CliRunner().invoke(cli, ["detect", str(good), str(hostile), "--no-evidence"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [line["path"] for line in lines] == [str(good), str(hostile)]
+    assert "verdict" in lines[0] and "error" not in lines[0]
+    assert lines[1]["error"].startswith("cannot read image:") and error in lines[1]["error"]
+
+
+def test_detect_refuses_a_file_over_the_size_cap_before_reading_it(cli, tmp_path, monkeypatch):
+    good, big = tmp_path / "good.png", tmp_path / "big.png"
+    photo("chelsea.png", 128).save(good)
+    with big.open("wb") as handle:
+        handle.truncate(MAX_FILE_BYTES + 1)  # sparse: no real write of 20 MiB
+    real_open = type(big).open
+
+    def no_reading_of_big(self, *args, **kwargs):
+        assert self != big, "the oversized file was opened"
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(big), "open", no_reading_of_big)
+    result = CliRunner().invoke(cli, ["detect", str(big), str(good), "--no-evidence"])
+    assert result.exit_code == 1, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert lines[0] == {
+        "path": str(big),
+        "error": f"file too large: {MAX_FILE_BYTES + 1} bytes > limit {MAX_FILE_BYTES}",
+        "model": lines[1]["model"],
+    }
+    assert lines[1]["path"] == str(good) and "verdict" in lines[1]
+
+
+def test_detect_reads_no_more_than_the_cap_when_stat_understates_the_size(tmp_path):
+    # /proc files report size 0; the read itself is bounded as well.
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        pytest.skip("no /proc here")
+    item, error = _read_image(status, max_bytes=16)
+    assert item is None and error == "file too large: more than 16 bytes"
+
+
+def test_detect_with_an_unusable_device_is_a_clear_error(cli, tmp_path, monkeypatch):
+    image = tmp_path / "a.png"
+    photo("chelsea.png", 128).save(image)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device, message in (("mps", "MPS (Apple GPU) is not available"), ("xla", "is not supported")):
+        result = CliRunner().invoke(cli, ["detect", str(image), "--device", device])
+        assert result.exit_code == 1, result.output
+        assert isinstance(result.exception, SystemExit), result.exception
+        assert message in result.output and "Traceback" not in result.output
+
+
 def test_detect_small_image_is_uncertain_not_a_crash(cli, tmp_path):
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (20, 20)).save(tiny)
@@ -81,6 +146,33 @@ def test_eval_rejects_unknown_condition_and_holdout(cli, tmp_path):
     assert bad.exit_code != 0 and "unknown condition" in bad.output
     missing = CliRunner().invoke(cli, ["eval", str(manifest), "--holdout-source", "fake:nowhere"])
     assert missing.exit_code != 0 and "not in the manifest" in missing.output
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_eval_and_train_name_an_undecodable_image_without_a_traceback(cli, tmp_path, command):
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=2, size=96)
+    hostile = tmp_path / "data" / "fake" / "1.png"
+    hostile.write_bytes(HOSTILE_APNG)
+    args = {
+        "eval": ["eval", str(manifest), "--conditions", "native"],
+        "train": ["train", str(manifest), "--out", str(tmp_path / "m"), "--cache-dir", str(tmp_path / "c")],
+    }[command]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert (
+        f"Error: cannot decode {hostile}: SyntaxError: APNG contains frame sequence errors" in result.output
+    )
+
+
+def test_eval_names_a_manifest_row_without_a_label(cli, tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=2, size=96)
+    with manifest.open("a") as handle:
+        handle.write("fake/0.png\n")  # a short row: one column of five
+    result = CliRunner().invoke(cli, ["eval", str(manifest), "--conditions", "native"])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert f"Error: {manifest}:6: the row has no label" in result.output
 
 
 def test_eval_holdout_source(cli, tmp_path):

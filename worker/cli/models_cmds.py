@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 from PIL import Image
@@ -15,6 +16,11 @@ from PIL import Image
 from models import DetectorError, ImageInput, create_detector, detector_from_weights, list_detectors
 from models.data import CONDITIONS
 from models.detector import Detector
+from worker.settings import Settings
+
+#: Largest file `detect` reads, checked before reading: the worker's default SYNTHGUARD_MAX_INLINE_BYTES
+#: (20 MiB), so the command refuses what an inline check would. `detect` reads no settings otherwise.
+MAX_FILE_BYTES: Final[int] = int(Settings.model_fields["max_inline_bytes"].default)
 
 
 def _build_detector(model: str, weights: Path | None, device: str | None) -> Detector:
@@ -37,15 +43,25 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _read_image(path: Path) -> tuple[ImageInput | None, str | None]:
+def _read_image(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[ImageInput | None, str | None]:
+    """The file as a detector input, or None and the one-line error that file's output line carries."""
     try:
-        data = path.read_bytes()
-        with Image.open(path) as img:
+        size = path.stat().st_size
+        if size > max_bytes:
+            return None, f"file too large: {size} bytes > limit {max_bytes}"
+        with path.open("rb") as handle:
+            # Bounded even after the stat: a file that grows meanwhile, or one whose size stat does not tell
+            # (a device, /proc), is not read past the limit.
+            data = handle.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            return None, f"file too large: more than {max_bytes} bytes"
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             image = img.copy()
             image.info.update(img.info)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        return None, f"cannot read image: {exc}"
+    except Exception as exc:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error, ... on hostile files
+        # One bad file must not cost the other files their results; it gets its own error line.
+        return None, f"cannot read image: {str(exc) or type(exc).__name__}"
     return ImageInput(image=image, data=data, name=str(path)), None
 
 
@@ -69,7 +85,8 @@ def detect_command(
 ) -> None:
     """Print one JSON object per image: path, score, verdict, family_scores, evidence, model.
 
-    A file that cannot be read prints an object with "error" and the exit status is 1 at the end.
+    A file that cannot be read, or is larger than 20 MiB (`MAX_FILE_BYTES`), prints an object with "error"
+    and the exit status is 1 at the end.
     """
     detector = _build_detector(model, weights, device)
     failures = 0
