@@ -32,7 +32,10 @@ SECRET_KEY_MIN_LEN: Final = 16
 MAX_DURATION_S: Final = 365 * 86400
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-RetryDelay = Annotated[float, Field(ge=0, le=MAX_DURATION_S)]
+#: Durations, bounded once here (see MAX_DURATION_S).
+Seconds = Annotated[float, Field(ge=0, le=MAX_DURATION_S)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]
+WholeSeconds = Annotated[int, Field(ge=1, le=MAX_DURATION_S)]
 
 
 class SettingsError(Exception):
@@ -56,47 +59,47 @@ class Settings(BaseSettings):
     store_raw_images: bool = False
 
     fetch_max_bytes: int = Field(default=20 * MIB, gt=0)
-    fetch_timeout_s: float = Field(default=20.0, gt=0, le=MAX_DURATION_S)
+    fetch_timeout_s: PositiveSeconds = 20.0
     fetch_max_redirects: int = Field(default=3, ge=0)
     max_pixels: int = Field(default=40_000_000, gt=0)
     max_frames: int = Field(default=1, ge=1)
     max_inline_bytes: int = Field(default=20 * MIB, gt=0)
-    decode_timeout_s: float = Field(default=20.0, gt=0, le=MAX_DURATION_S)
+    decode_timeout_s: PositiveSeconds = 20.0
     batch_size: int = Field(default=8, ge=1)
     # A check whose processing was started this many times without finishing is failed (dead-lettered).
     max_attempts: int = Field(default=5, ge=1)
-    reconcile_after_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S)
-    webhook_timeout_s: float = Field(default=15.0, gt=0, le=MAX_DURATION_S)
+    reconcile_after_s: PositiveSeconds = 120.0
+    webhook_timeout_s: PositiveSeconds = 15.0
     # Webhook delivery (worker/webhook_delivery.py). Wait before attempt 1, 2, ...: the Standard Webhooks/Svix
     # schedule (8 attempts over ~28 h), jittered by +-webhook_retry_jitter.
     # NoDecode: the environment value is "0,5,300" or a JSON list, split by _split_delays below.
-    webhook_retry_delays_s: Annotated[tuple[RetryDelay, ...], NoDecode] = Field(
+    webhook_retry_delays_s: Annotated[tuple[Seconds, ...], NoDecode] = Field(
         default=(0, 5, 300, 1800, 7200, 18000, 36000, 36000), min_length=1
     )
     webhook_retry_jitter: float = Field(default=0.2, ge=0, lt=1)
     # An endpoint whose attempts have all failed for this long is disabled (Svix: 5 days).
-    webhook_disable_after_s: float = Field(default=5 * 86400.0, gt=0, le=MAX_DURATION_S)
+    webhook_disable_after_s: PositiveSeconds = 5 * 86400.0
     # After rotate-secret the old secret keeps signing beside the new one this long.
-    webhook_secret_overlap_s: float = Field(default=86400.0, ge=0, le=MAX_DURATION_S)
+    webhook_secret_overlap_s: Seconds = 86400.0
     # The sweep re-enqueues pending deliveries due for longer than the grace (their task was lost).
-    webhook_sweep_interval_s: float = Field(default=30.0, gt=0, le=MAX_DURATION_S)
-    webhook_sweep_grace_s: float = Field(default=60.0, ge=0, le=MAX_DURATION_S)
+    webhook_sweep_interval_s: PositiveSeconds = 30.0
+    webhook_sweep_grace_s: Seconds = 60.0
     # Retries due sooner than this ride a broker countdown; later ones wait for the sweep (a Redis ETA task
     # older than the visibility timeout would be redelivered twice).
-    webhook_eta_max_s: float = Field(default=600.0, ge=0, le=MAX_DURATION_S)
+    webhook_eta_max_s: Seconds = 600.0
 
     # Transient fetch errors (timeouts, 5xx) are retried by the task this many times with exponential backoff.
     fetch_retries: int = Field(default=3, ge=0)
-    retry_backoff_max_s: int = Field(default=300, ge=1, le=MAX_DURATION_S)
+    retry_backoff_max_s: WholeSeconds = 300
     # Celery worker tuning.
     worker_concurrency: int = Field(default=1, ge=1)
     worker_max_tasks_per_child: int = Field(default=200, ge=1)
     # A message not acknowledged within this time is redelivered by Redis; longer than the slowest task.
-    broker_visibility_timeout_s: int = Field(default=900, ge=1, le=MAX_DURATION_S)
+    broker_visibility_timeout_s: WholeSeconds = 900
     # The Redis key (or AMQP queue) tasks go to; an empty name would send them nowhere a worker listens.
     queue_name: str = Field(default="synthguard", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
     # A task running longer than this is killed (its child restarts; the attempt counts toward max_attempts).
-    task_time_limit_s: int = Field(default=900, ge=1, le=MAX_DURATION_S)
+    task_time_limit_s: WholeSeconds = 900
 
     @field_validator("database_url")
     @classmethod

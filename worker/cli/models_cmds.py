@@ -16,11 +16,11 @@ from PIL import Image
 from models import DetectorError, ImageInput, create_detector, detector_from_weights, list_detectors
 from models.data import CONDITIONS
 from models.detector import Detector
-from worker.settings import Settings
+from worker.client import DEFAULT_MAX_INLINE_BYTES
 
 #: Largest file `detect` reads, checked before reading: the worker's default SYNTHGUARD_MAX_INLINE_BYTES
 #: (20 MiB), so the command refuses what an inline check would. `detect` reads no settings otherwise.
-MAX_FILE_BYTES: Final[int] = int(Settings.model_fields["max_inline_bytes"].default)
+MAX_FILE_BYTES: Final[int] = DEFAULT_MAX_INLINE_BYTES
 
 
 def _build_detector(model: str, weights: Path | None, device: str | None) -> Detector:
