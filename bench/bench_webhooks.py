@@ -176,7 +176,7 @@ def main() -> None:
             pool="threads",
             concurrency=args.concurrency,
             perform_ping_check=False,
-            queues=[settings.queue_name],
+            queues=list(settings.worker_queues),
             loglevel="WARNING",
         ):
             started = time.perf_counter()

@@ -234,7 +234,9 @@ class WorkerProcess:
         argv = [sys.executable, "-m", "celery", "-A", env.get("DRILL_APP_MODULE", "worker.celery"), "worker"]
         argv += ["--loglevel=INFO", f"--pool={pool}", f"--concurrency={concurrency}"]
         argv += [f"--hostname={name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        argv += [f"--queues={env['SYNTHGUARD_QUEUE_NAME']}"]
+        # Both queues, as `synthguard worker` consumes them (Settings.worker_queues).
+        queue = env["SYNTHGUARD_QUEUE_NAME"]
+        argv += [f"--queues={queue},{queue}.webhooks"]
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
             argv, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True

@@ -202,7 +202,7 @@ def celery_worker(celery_app: Celery, detector: Any) -> Iterator[WorkController]
         celery_app,
         pool="solo",
         concurrency=1,
-        queues=[celery_app.conf.task_default_queue],
+        queues=list(runtime_for(celery_app).settings.worker_queues),
         shutdown_timeout=30.0,
     ) as worker:
         yield worker

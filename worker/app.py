@@ -25,12 +25,14 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from celery.signals import worker_init, worker_process_init
+from kombu import Exchange, Queue
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
 from worker.pipeline import DetectorLike
 from worker.settings import Settings
+from worker.webhook_delivery import webhook_task_routes
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +228,10 @@ def create_celery_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_default_queue=settings.queue_name,
+        # Declared, so that a plain `celery -A worker.celery worker` (no --queues) consumes both, as
+        # `synthguard worker` does; the same exchange and routing key Celery gives a queue it creates itself.
+        task_queues=[Queue(name, Exchange(name), routing_key=name) for name in settings.worker_queues],
+        task_routes=webhook_task_routes(settings),
         task_time_limit=settings.task_time_limit_s,
         enable_utc=True,
         timezone="UTC",

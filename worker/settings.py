@@ -101,6 +101,21 @@ class Settings(BaseSettings):
     # A task running longer than this is killed (its child restarts; the attempt counts toward max_attempts).
     task_time_limit_s: WholeSeconds = 900
 
+    @property
+    def webhook_queue_name(self) -> str:
+        """The queue webhook deliveries and sweeps go to, beside ``queue_name``.
+
+        A queue of their own, consumed by the same workers: in one FIFO queue a flagged image's notification
+        would wait behind every upload queued before it (a backlog of hours); Celery's Redis consumer takes
+        from its queues in turn, so a delivery waits for at most the batch in progress.
+        """
+        return f"{self.queue_name}.webhooks"
+
+    @property
+    def worker_queues(self) -> tuple[str, str]:
+        """Every queue a synthguard worker consumes."""
+        return (self.queue_name, self.webhook_queue_name)
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:

@@ -47,6 +47,7 @@ from worker.webhooks import (
 
 __all__ = [
     "DELIVER_WEBHOOK_TASK",
+    "SWEEP_WEBHOOKS_TASK",
     "DeliveryConfig",
     "DeliveryStep",
     "active_secrets",
@@ -57,17 +58,30 @@ __all__ = [
     "due_delivery_ids",
     "redeliver",
     "redeliver_failed_since",
+    "webhook_task_routes",
 ]
 
 logger = logging.getLogger(__name__)
 
 # The Celery task that sends one delivery (worker/webhook_tasks.py); producers need only the name.
 DELIVER_WEBHOOK_TASK: Final = "synthguard.deliver_webhook"
+# The periodic task that re-enqueues lost deliveries (worker/webhook_tasks.py).
+SWEEP_WEBHOOKS_TASK: Final = "synthguard.sweep_webhooks"
 # A claim counts a row as due this early: a broker countdown may fire a little before the database clock.
 DUE_TOLERANCE_S: Final = 2.0
 # The lease outlives the request (timeout) by this margin before another worker may take the row over.
 LEASE_MARGIN_S: Final = 30.0
 ERROR_MAX_CHARS: Final = 2000
+
+
+def webhook_task_routes(settings: Settings) -> dict[str, dict[str, str]]:
+    """Celery ``task_routes`` that send the webhook tasks to ``settings.webhook_queue_name``.
+
+    Every producer of these tasks (the worker app, the CLI's bare producer) routes with this, so a delivery
+    never lands behind the detection backlog in ``settings.queue_name``.
+    """
+    route = {"queue": settings.webhook_queue_name}
+    return {DELIVER_WEBHOOK_TASK: route, SWEEP_WEBHOOKS_TASK: route}
 
 
 def as_utc(moment: datetime) -> datetime:

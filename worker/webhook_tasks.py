@@ -30,7 +30,13 @@ from db.base import utcnow
 from db.session import session_scope
 from worker.app import TimerStep, install_on_synthguard_workers, runtime_for
 from worker.settings import Settings
-from worker.webhook_delivery import DELIVER_WEBHOOK_TASK, DeliveryConfig, deliver_once, due_delivery_ids
+from worker.webhook_delivery import (
+    DELIVER_WEBHOOK_TASK,
+    SWEEP_WEBHOOKS_TASK,
+    DeliveryConfig,
+    deliver_once,
+    due_delivery_ids,
+)
 from worker.webhooks import SecretCipher, make_webhook_client
 
 __all__ = [
@@ -43,7 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SWEEP_WEBHOOKS_TASK: Final = "synthguard.sweep_webhooks"
 SWEEP_BATCH: Final = 500
 
 # One HTTP client (connection pool) per app and process; a forked child builds its own.
@@ -125,11 +130,10 @@ class WebhookSweepStep(TimerStep):
     def start(self, parent: Any) -> None:
         app: Celery = parent.app
         interval = runtime_for(app).settings.webhook_sweep_interval_s
-        queue = app.conf.task_default_queue
 
         def send_sweep() -> None:
             try:
-                app.send_task(SWEEP_WEBHOOKS_TASK, queue=queue)
+                app.send_task(SWEEP_WEBHOOKS_TASK)  # routed to the webhook queue
             except Exception:  # the broker may be down; try again next interval
                 log.warning("could not send the webhook sweep task", exc_info=True)
 

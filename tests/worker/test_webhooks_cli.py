@@ -138,8 +138,10 @@ def test_deliveries_show_and_redeliver(cli, receiver, pg_session_factory, settin
     assert "1 delivery queued again" in out and str(delivery_id) in out
     broker = redis.Redis.from_url(settings.broker_url)
     try:
-        assert broker.llen(queue_name) == 1
-        message = json.loads(broker.lpop(queue_name))
+        # Routed to the webhook queue, not behind the detection backlog.
+        assert broker.llen(queue_name) == 0
+        assert broker.llen(f"{queue_name}.webhooks") == 1
+        message = json.loads(broker.lpop(f"{queue_name}.webhooks"))
         assert message["headers"]["task"] == "synthguard.deliver_webhook"
     finally:
         broker.close()

@@ -6,6 +6,7 @@ it uses the threads pool, so no detector is loaded (these tasks never detect any
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -50,12 +51,12 @@ def webhook_app(webhook_settings):
 
 
 @pytest.fixture(scope="module")
-def webhook_worker(webhook_app):
+def webhook_worker(webhook_app, webhook_settings):
     with in_process_worker(
         webhook_app,
         pool="threads",
         concurrency=2,
-        queues=[webhook_app.conf.task_default_queue],
+        queues=list(webhook_settings.worker_queues),
         shutdown_timeout=10.0,
     ) as worker:
         yield worker
@@ -127,10 +128,37 @@ def test_invalid_delivery_id_is_dropped_and_the_worker_carries_on(
     assert _wait_final(pg_session_factory, delivery_id).status == "succeeded"
 
 
+def test_webhook_tasks_skip_the_detection_backlog(settings):
+    """Deliveries and sweeps go to the webhook queue; check batches to the detection queue behind them."""
+    import redis
+
+    from worker.app import create_celery_app, runtime_for
+    from worker.tasks import enqueue_checks, enqueue_deliveries
+
+    queue_name = f"synthguard-test-routes-{uuid.uuid4().hex[:8]}"
+    app = create_celery_app(fast_settings(settings, queue_name=queue_name))
+    app_settings = runtime_for(app).settings
+    broker = redis.Redis.from_url(settings.broker_url)
+    try:
+        assert enqueue_checks(app, [uuid.uuid4() for _ in range(3)], batch_size=1) == 3
+        deliveries = [uuid.uuid4(), uuid.uuid4()]
+        enqueue_deliveries(app, deliveries)
+        app.send_task("synthguard.sweep_webhooks")
+        assert broker.llen(app_settings.queue_name) == 3
+        waiting = [json.loads(raw) for raw in broker.lrange(app_settings.webhook_queue_name, 0, -1)]
+        tasks = sorted(message["headers"]["task"] for message in waiting)
+        assert tasks == ["synthguard.deliver_webhook"] * 2 + ["synthguard.sweep_webhooks"]
+        assert app_settings.worker_queues == (app_settings.queue_name, app_settings.webhook_queue_name)
+    finally:
+        broker.delete(app_settings.queue_name, app_settings.webhook_queue_name)
+        broker.close()
+        runtime_for(app).engine.dispose()
+
+
 def test_a_stopped_worker_sends_no_more_sweeps(settings):
     """The sweep's timer entry ends with the worker, also on the cold shutdown the test harness uses.
 
-    The worker consumes another queue, so the sweeps it sends stay countable in its default queue.
+    The worker consumes another queue, so the sweeps it sends stay countable in the webhook queue.
     """
     import redis
 
@@ -143,7 +171,7 @@ def test_a_stopped_worker_sends_no_more_sweeps(settings):
             webhook_sweep_interval_s=0.2,
         )
     )
-    sweeps_queue = app.conf.task_default_queue
+    sweeps_queue = runtime_for(app).settings.webhook_queue_name
     broker = redis.Redis.from_url(settings.broker_url)
     try:
         with in_process_worker(app, pool="solo", queues=[f"{sweeps_queue}-unused"], shutdown_timeout=10.0):

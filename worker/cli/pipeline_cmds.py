@@ -537,7 +537,8 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
     click.echo(f"detector {model_id} loads; starting the worker", err=True)
 
     app = create_celery_app(settings)
-    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool}", f"--queues={settings.queue_name}"]
+    queues = ",".join(settings.worker_queues)
+    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool}", f"--queues={queues}"]
     argv.append(f"--concurrency={settings.worker_concurrency}")
     app.worker_main(argv)
 

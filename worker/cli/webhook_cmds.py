@@ -32,6 +32,7 @@ from worker.webhook_delivery import (
     deliver_now,
     redeliver,
     redeliver_failed_since,
+    webhook_task_routes,
 )
 from worker.webhook_endpoints import (
     EndpointError,
@@ -162,7 +163,12 @@ def _enqueue(settings: Settings, delivery_ids: Sequence[uuid.UUID]) -> None:
         return
     # A bare producer: the full worker app would import the detector (torch) just to send a message.
     app = Celery("synthguard-cli", broker=settings.broker_url, set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"], task_default_queue=settings.queue_name)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.queue_name,
+        task_routes=webhook_task_routes(settings),
+    )
     try:
         for delivery_id in delivery_ids:
             app.send_task(DELIVER_WEBHOOK_TASK, kwargs={"delivery_id": str(delivery_id)})

@@ -1,0 +1,103 @@
+"""A flagged image's notification does not wait behind the upload backlog.
+
+Webhook tasks have a queue of their own (``Settings.webhook_queue_name``) that the same workers consume; in
+one FIFO queue a delivery would be sent only after every upload queued before it was analysed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+import uuid
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from db.session import session_scope
+from db.tables import Check
+from db.webhook_tables import WebhookAttempt
+from tests.worker.webhook_helpers import Script, add_checked_image, fast_settings, run_receiver
+from tests.workers import in_process_worker
+from worker import outbox
+from worker.webhook_endpoints import create_endpoint
+from worker.webhooks import SecretCipher
+
+pytestmark = pytest.mark.usefixtures("pg_clean")
+
+BACKLOG = 6
+WAIT_S = 300.0
+
+
+@pytest.fixture
+def receiver():
+    yield from run_receiver()
+
+
+def _png_b64(seed: int) -> str:
+    pixels = (np.random.default_rng(seed).random((160, 160, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_a_delivery_is_sent_before_the_backlog_queued_ahead_of_it(
+    pg_session_factory, settings, detector, receiver
+):
+    from worker.app import create_celery_app, runtime_for
+    from worker.tasks import enqueue_deliveries
+
+    # Long sweep intervals: the delivery must travel as its own task message, not be picked up by a sweep.
+    queue_settings = fast_settings(
+        settings,
+        queue_name=f"synthguard-test-queues-{uuid.uuid4().hex[:8]}",
+        webhook_sweep_interval_s=3600.0,
+        webhook_sweep_grace_s=3600.0,
+    )
+    app = create_celery_app(queue_settings)
+    runtime_for(app).set_detector(detector)
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    try:
+        # The backlog first, then the delivery: all waiting before any worker runs.
+        for n in range(BACKLOG):
+            app.send_task(
+                "synthguard.check_image",
+                kwargs={"image_b64": _png_b64(n), "external_id": f"backlog-{n}", "client": "backlog"},
+            )
+        with session_scope(pg_session_factory) as session:
+            create_endpoint(
+                session,
+                SecretCipher(settings.require_secret_key()),
+                url=receiver.url_for("/hook"),
+                client="acme",
+            )
+            check, verdict = add_checked_image(session)
+            (delivery_id,) = outbox.record_check_events(session, check, verdict)
+        enqueue_deliveries(app, [delivery_id])
+
+        # One task at a time, in the order the worker takes them from its queues.
+        with in_process_worker(app, pool="solo", concurrency=1, queues=list(queue_settings.worker_queues)):
+            deadline = time.monotonic() + WAIT_S
+            while time.monotonic() < deadline:
+                with session_scope(pg_session_factory) as session:
+                    finished = session.scalars(
+                        sa.select(Check.finished_at).where(
+                            Check.client == "backlog", Check.finished_at.is_not(None)
+                        )
+                    ).all()
+                if len(finished) == BACKLOG:
+                    break
+                time.sleep(0.2)
+        assert len(finished) == BACKLOG, f"backlog not processed within {WAIT_S} s"
+        with session_scope(pg_session_factory) as session:
+            (sent_at,) = session.scalars(
+                sa.select(WebhookAttempt.attempted_at).where(WebhookAttempt.delivery_id == delivery_id)
+            ).all()
+        assert len(script.requests) == 1
+        # In one FIFO queue all six checks would finish first; taking the queues in turn, at most one does.
+        assert sum(finished_at < sent_at for finished_at in finished) <= 1
+    finally:
+        runtime_for(app).engine.dispose()
