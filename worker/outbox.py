@@ -37,7 +37,6 @@ from worker.webhooks import (
 )
 
 __all__ = [
-    "is_flagged",
     "message_id_for",
     "record_check_events",
     "record_check_failed",
@@ -53,21 +52,6 @@ _MESSAGE_NAMESPACE: Final = uuid.UUID("6f1d8a52-3c2b-4e1a-9d0c-5b7e2f4a8c11")
 def message_id_for(check_id: uuid.UUID, event_key: str) -> str:
     """The ``webhook-id`` of an event: ``msg_`` + a UUID derived from the check and the event."""
     return "msg_" + uuid.uuid5(_MESSAGE_NAMESPACE, f"{check_id}:{event_key}").hex
-
-
-def is_flagged(verdict: str, score: float, client: Client | None) -> bool:
-    """The flagging rule, the same as the ``flagged_checks`` view (migration 0001) for an unreviewed check.
-
-    "generated" is always flagged; a client may also flag "uncertain" verdicts (``flag_uncertain``) and any
-    score at or above its own ``flag_threshold``.
-    """
-    if verdict == "generated":
-        return True
-    if client is None:
-        return False
-    if verdict == "uncertain" and client.flag_uncertain:
-        return True
-    return client.flag_threshold is not None and score >= client.flag_threshold
 
 
 def _event_data(check: Check, verdict: Verdict | None, *, review: Review | None = None) -> CheckEventData:
@@ -171,13 +155,14 @@ def record_check_events(
     """Write the outbox rows for a check that got a verdict; return the delivery ids to enqueue after commit.
 
     ``check.flagged`` goes to subscribed endpoints and the check's callback URL when the verdict is flagged
-    for this client (``is_flagged``); ``check.completed`` goes to endpoints subscribed to it, flagged or not.
+    for this client (``db.queries.is_flagged``, the rule listings and the ``flagged_checks`` view use);
+    ``check.completed`` goes to endpoints subscribed to it, flagged or not.
     """
     moment = now or utcnow()
     client = session.get(Client, check.client)
     data = _event_data(check, verdict)
     ids: list[uuid.UUID] = []
-    if is_flagged(verdict.verdict, verdict.score, client):
+    if queries.is_flagged(check, verdict, client):
         ids += _insert(session, check, EVENT_FLAGGED, EVENT_FLAGGED, data, include_callback=True, now=moment)
     ids += _insert(session, check, EVENT_COMPLETED, EVENT_COMPLETED, data, include_callback=False, now=moment)
     return ids

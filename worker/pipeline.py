@@ -51,6 +51,9 @@ ERROR_MAX_CHARS: Final = 1000
 # than hashing 40 megapixels. The detector itself never sees a resized image.
 PDQ_WORKING_SIZE: Final = 512
 CLAIMABLE_STATUSES: Final = ("queued", "processing")
+# How the error of a check put back to ``queued`` for a fetch retry begins; the reconciler gives such checks
+# the retry backoff before it counts them as stuck, by this prefix.
+RETRY_WAIT_PREFIX: Final = "fetch failed, will retry"
 
 
 class DetectorLike(Protocol):
@@ -451,7 +454,7 @@ def _store_retry(session: Session, check: Check, reason: str, result: PipelineRe
     if not _lock_unfinished(session, check):
         return
     check.status = "queued"
-    check.error = readable(f"fetch failed, will retry: {reason}")
+    check.error = readable(f"{RETRY_WAIT_PREFIX}: {reason}")
     result.retry_ids.append(check.id)
     result.outcomes.append(CheckOutcome(check.id, "queued", check.error))
 

@@ -72,7 +72,6 @@ RECONCILE_TASK: Final = "synthguard.reconcile"
 ROWS_PER_PASS: Final = 2000
 # Messages inspected in the Redis queue; past this, the queue is a backlog and queued checks are left alone.
 BROKER_SCAN_LIMIT: Final = 20_000
-RETRY_WAIT_PREFIX: Final = "fetch failed, will retry"
 # kombu's Redis transport keeps priority levels in separate lists named queue + this separator + level.
 _PRIORITY_SEPARATOR: Final = "\x06\x16"
 _PRIORITY_LEVELS: Final = (0, 3, 6, 9)
@@ -163,7 +162,7 @@ def _stuck_checks(
 
     retry_threshold = threshold - timedelta(seconds=settings.retry_backoff_max_s)
     # coalesce: with a NULL error the NOT(...) below would be NULL, and the row silently skipped.
-    waiting_for_retry = sa.func.coalesce(Check.error, "").startswith(RETRY_WAIT_PREFIX)
+    waiting_for_retry = sa.func.coalesce(Check.error, "").startswith(pipeline.RETRY_WAIT_PREFIX)
     stuck_queued = sa.and_(
         Check.status == "queued",
         Check.updated_at < threshold,

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from db import queries
 from db.session import session_scope
-from db.tables import Check, Client, Review
+from db.tables import Check, Client, Review, Verdict
 from db.webhook_tables import WebhookDelivery
 from tests.worker.webhook_helpers import add_checked_image
 from worker import outbox
@@ -156,7 +156,8 @@ def test_review_event(pg_session_factory, settings):
         assert [r.endpoint_id for r in _rows(session, ids)] == [endpoint_id]  # no callback: nothing changed
 
 
-def test_flag_rule_agrees_with_db_queries(pg_session_factory):
+def test_check_flagged_is_recorded_by_the_listings_flag_rule(pg_session_factory):
+    """The outbox sends ``check.flagged`` (here to the callback URL) exactly for the checks listings flag."""
     with session_scope(pg_session_factory) as session:
         for verdict in ("generated", "uncertain", "real"):
             for flag_uncertain in (False, True):
@@ -169,10 +170,19 @@ def test_flag_rule_agrees_with_db_queries(pg_session_factory):
                         score=0.6,
                         flag_uncertain=flag_uncertain,
                         flag_threshold=threshold,
+                        callback_url="https://example.com/cb",
                     )
-                    client = session.get(Client, name)
-                    expected = queries.is_flagged(check, row, client)
-                    assert outbox.is_flagged(row.verdict, row.score, client) == expected
+                    events = {
+                        r.event_type for r in _rows(session, outbox.record_check_events(session, check, row))
+                    }
+                    listed = session.scalar(
+                        sa.select(sa.func.count())
+                        .select_from(Check)
+                        .join(Verdict, Verdict.id == Check.verdict_id)
+                        .outerjoin(Client, Client.name == Check.client)
+                        .where(Check.id == check.id, queries.flagged_condition())
+                    )
+                    assert ("check.flagged" in events) == (listed == 1), name
 
 
 def test_review_check_stores_the_review_and_its_event_together(pg_session_factory, settings):

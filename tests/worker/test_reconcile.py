@@ -234,7 +234,9 @@ def test_a_pass_acts_on_at_most_rows_per_pass_and_the_next_pass_goes_on(
 def test_check_waiting_for_a_fetch_retry_gets_the_backoff_as_grace(
     celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
 ) -> None:
-    retrying = make_check(pg_session_factory, status="queued", error="fetch failed, will retry: HTTP 503")
+    retrying = make_check(
+        pg_session_factory, status="queued", error=f"{pipeline.RETRY_WAIT_PREFIX}: HTTP 503"
+    )
     grace = settings.reconcile_after_s + settings.retry_backoff_max_s
 
     soon = utcnow() + timedelta(seconds=settings.reconcile_after_s + 0.5 * settings.retry_backoff_max_s)
