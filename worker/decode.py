@@ -5,8 +5,8 @@ Bounds, in the order they bite:
   other Pillow plugin (PSD, EPS, SGI, J2K, FLI, ICNS, FITS ...) is never even asked to parse the header;
 - pixel cap from the header, before any pixel is decoded (``max_pixels``); Pillow's DecompressionBombWarning
   is an error too; zero or negative sizes are refused;
-- first frame only: the other frames of an animation are never decoded (``max_frames`` = 1 is what is
-  analysed);
+- first frame only: the other frames of an animation are never decoded (not a setting: the detector reads
+  one image);
 - a full ``load()``, so truncated files fail here with a reason instead of later in the detector;
 - time and memory: decoding runs in a separate, long-lived child process (worker/_decode_child.py) under an
   address-space limit; a decode that runs past ``decode_timeout_s`` gets the child killed, one that crashes

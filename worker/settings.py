@@ -62,7 +62,6 @@ class Settings(BaseSettings):
     fetch_timeout_s: PositiveSeconds = 20.0
     fetch_max_redirects: int = Field(default=3, ge=0)
     max_pixels: int = Field(default=40_000_000, gt=0)
-    max_frames: int = Field(default=1, ge=1)
     max_inline_bytes: int = Field(default=20 * MIB, gt=0)
     decode_timeout_s: PositiveSeconds = 20.0
     batch_size: int = Field(default=8, ge=1)
