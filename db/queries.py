@@ -245,16 +245,6 @@ def list_verdicts(
     return session.scalars(statement).unique().all()
 
 
-def stale_checks(session: Session, *, older_than: datetime, limit: int = 500) -> Sequence[Check]:
-    """Checks still queued or processing, unchanged since before ``older_than`` (for the reconciler)."""
-    return session.scalars(
-        sa.select(Check)
-        .where(Check.status.in_(("queued", "processing")), Check.updated_at < older_than)
-        .order_by(Check.updated_at)
-        .limit(limit)
-    ).all()
-
-
 def record_review(
     session: Session, check_id: uuid.UUID, *, reviewer: str, new_verdict: str, note: str | None = None
 ) -> Review:
@@ -287,6 +277,5 @@ __all__ = [
     "list_verdicts",
     "record_review",
     "set_client_policy",
-    "stale_checks",
     "upsert_verdict",
 ]

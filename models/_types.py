@@ -10,8 +10,6 @@ from PIL import Image
 Verdict = Literal["generated", "real", "uncertain"]
 DecidedBy = Literal["pixels", "provenance", "unanalysable"]
 
-EVIDENCE_GROUPS = ("spectral", "color", "grid", "provenance", "learned")
-
 
 @dataclass(frozen=True)
 class ImageInput:

@@ -15,7 +15,6 @@ Targets:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Final
 
@@ -202,8 +201,3 @@ def review_check(
     review = queries.record_review(session, check_id, reviewer=reviewer, new_verdict=new_verdict, note=note)
     check = session.get_one(Check, check_id)
     return review, record_review(session, check, review, now=now)
-
-
-def pending_ids(ids: Iterable[uuid.UUID]) -> list[str]:
-    """Delivery ids as task arguments (strings: Celery's JSON serializer does not carry UUIDs)."""
-    return [str(delivery_id) for delivery_id in ids]

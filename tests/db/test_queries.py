@@ -19,7 +19,6 @@ from db.queries import (
     list_verdicts,
     record_review,
     set_client_policy,
-    stale_checks,
     upsert_verdict,
 )
 from db.session import make_engine, make_session_factory, session_scope
@@ -190,8 +189,6 @@ def test_listings_filter_by_status_and_age(factory):
     with session_scope(factory) as session:
         assert [check.external_id for check in list_checks(session, status="failed")] == ["f"]
         assert {check.external_id for check in list_checks(session)} == {"q", "f"}
-        stale = stale_checks(session, older_than=utcnow() - timedelta(minutes=5))
-        assert [check.external_id for check in stale] == ["q"]
 
 
 def test_since_with_an_offset_means_the_same_instant_on_every_backend(factory):
