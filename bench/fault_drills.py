@@ -1,8 +1,10 @@
 """Fault drills: real worker processes, a real Redis and PostgreSQL, real kills. Prints a datasheet table.
 
-Usage: .venv/bin/python bench/fault_drills.py                     # every drill except the PostgreSQL restart
-.venv/bin/python bench/fault_drills.py --drills child_kill,sigterm --n 16 .venv/bin/python
-bench/fault_drills.py --pg-restart        # also restart the machine's PostgreSQL (shared!)
+Usage::
+
+    .venv/bin/python bench/fault_drills.py                  # every drill but the PostgreSQL restart
+    .venv/bin/python bench/fault_drills.py --drills child_kill,sigterm --n 16
+    .venv/bin/python bench/fault_drills.py --pg-restart     # also restart the machine's PostgreSQL (shared!)
 
 Each drill gets its own Redis (``redis-server`` on a private port, append-only as in docker/compose.yml
 unless the drill says otherwise), its own PostgreSQL database (migrated with Alembic, dropped afterwards) and

@@ -64,7 +64,8 @@ def _run_on(connection: Connection) -> None:
 
 
 def run_migrations_online() -> None:
-    # A caller may hand over an open connection (`synthguard db upgrade`) or an engine (pytest-alembic).
+    # A caller may hand over an open connection or an engine (pytest-alembic); `synthguard db upgrade`
+    # passes only the URL (db.migrate.alembic_config).
     provided = config.attributes.get("connection")
     if isinstance(provided, Connection):
         _run_on(provided)

@@ -1,12 +1,10 @@
 """The detector: evidence + learned model -> one `Detection` per image, batch-first.
 
 For each image: pixels to float RGB (any mode, EXIF orientation), hand-made evidence on a centre crop,
-provenance
-from the file, and up to `max_crops` native-resolution crops (never resized) for the CNN. The crops of the
-whole
-batch go through the CNN together; per image the crop logits are averaged, fused with the evidence features
-into
-one calibrated score, and compared with the thresholds of the model's config.
+provenance from the file, and up to `max_crops` native-resolution crops (never resized) for the CNN. The crops
+of the whole batch go through the CNN together; per image the crop logits are averaged, calibrated into one
+score (a weights file may also fuse evidence features into it; the shipped weights fuse none since 1.1.0: the
+evidence is reported beside the score), and compared with the thresholds of the model's config.
 """
 
 from __future__ import annotations
@@ -402,7 +400,7 @@ def _pixels_key(pixels: NDArray[np.float32] | None) -> bytes:
 
 @register_detector("synthguard-v1")
 def synthguard_v1(device: str | torch.device | None = None) -> Detector:
-    """The shipped detector: residual CNN on 64 px native crops fused with spectral/colour/grid evidence."""
+    """The shipped detector: a residual CNN on 64 px native crops; the pixel evidence is reported beside."""
     return Detector(SYNTHGUARD_V1, device=device)
 
 

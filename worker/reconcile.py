@@ -149,7 +149,7 @@ def _stuck_checks(
     check orphaned by a killed worker until the backlog drained).
     """
     threshold = now - timedelta(seconds=settings.reconcile_after_s)
-    # Lock the check rows only (the verdict relationship is joined eagerly; it is not needed here).
+    # Lock the check rows only (the verdict relationship is loaded by a second SELECT; it is not needed here).
     locked = (
         sa.select(Check)
         .order_by(Check.updated_at)
