@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
-from db.base import utcnow
+from db.base import Base, utcnow
 from db.tables import Check, Client, Evidence, Review, Verdict
 
 # --- the flagging rule
@@ -54,7 +54,7 @@ def is_flagged(check: Check, verdict: Verdict | None, client: Client | None) -> 
 # --- race-safe inserts
 
 
-def _insert(session: Session, table: sa.Table) -> Any:
+def _insert(session: Session, table: type[Base]) -> Any:
     """An INSERT that supports ON CONFLICT DO NOTHING on the session's database."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -82,7 +82,7 @@ def get_or_create_check(
     now = utcnow()
     new_id = uuid.uuid4()
     statement = (
-        _insert(session, Check.__table__)  # type: ignore[arg-type]
+        _insert(session, Check)
         .values(
             id=new_id,
             client=client,
@@ -141,7 +141,7 @@ def upsert_verdict(session: Session, record: VerdictRecord) -> Verdict:
     """
     verdict_id = uuid.uuid4()
     inserted = session.execute(
-        _insert(session, Verdict.__table__)  # type: ignore[arg-type]
+        _insert(session, Verdict)
         .values(
             id=verdict_id,
             sha256=record.sha256,
