@@ -25,7 +25,7 @@ from PIL import Image
 from models._config import SYNTHGUARD_V1, DetectorCfg
 from models._registry import register_detector
 from models._scoring import CnnOutput, Fusion, cnn_outputs, crop_tensor, resolve_device
-from models._types import Detection, ImageInput, Verdict
+from models._types import DecidedBy, Detection, ImageInput, Verdict
 from models.errors import DetectorError, FlatImageError
 from models.evidence import (
     FEATURE_NAMES,
@@ -302,7 +302,7 @@ class Detector:
         evidence["learned"] = {"analysed": False, "reason": "; ".join(prepared.reasons)}
         reasons = [*prepared.reasons, f"no pixel analysis: score {NO_INFORMATION_SCORE} means no information"]
         verdict: Verdict = "uncertain"
-        decided_by: Any = "unanalysable"
+        decided_by: DecidedBy = "unanalysable"
         provenance = evidence.get("provenance", {})
         if provenance.get("decisive") and provenance.get("says") in {"generated", "real"}:
             verdict = provenance["says"]
@@ -336,7 +336,7 @@ class Detector:
             f"pixel score {score:.3f} vs thresholds {self.cfg.threshold_uncertain:.3f} (uncertain) / "
             f"{self.cfg.threshold_generated:.3f} (generated)"
         )
-        decided_by: Any = "pixels"
+        decided_by: DecidedBy = "pixels"
         provenance = prepared.evidence.get("provenance", {})
         if provenance.get("decisive") and provenance.get("says") in {"generated", "real"}:
             if provenance["says"] != verdict:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,6 +30,11 @@ from models.data import (
     load_rgb,
     read_manifest,
 )
+
+if TYPE_CHECKING:  # both import torch and the detector; evaluation loads them only when it runs a model
+    from models._types import Detection
+    from models.detector import Detector
+    from models.training import TrainConfig
 
 Log = Callable[[str], None]
 
@@ -196,7 +201,7 @@ def select_rows(rows: Sequence[ManifestRow], holdout_sources: Sequence[str] = ()
 
 
 def evaluate(
-    detector: Any,
+    detector: Detector,
     manifest: Path,
     *,
     conditions: Sequence[Condition] = CONDITIONS,
@@ -255,7 +260,7 @@ def leave_one_source_out(
     manifest: Path,
     out_dir: Path,
     *,
-    train_config: Any,
+    train_config: TrainConfig,
     sources: Sequence[str] = (),
     taef2_dir: Path | None = None,
     counterpart_fraction: float = COUNTERPART_FRACTION,
@@ -336,8 +341,8 @@ def summarise_folds(folds: dict[str, Any]) -> dict[str, Any]:
 
 
 def detections_under(
-    detector: Any, pixels: Sequence[NDArray[np.float32]], condition: Condition, batch_size: int = 16
-) -> Iterator[Any]:
+    detector: Detector, pixels: Sequence[NDArray[np.float32]], condition: Condition, batch_size: int = 16
+) -> Iterator[Detection]:
     """`detector.detect` on every image made to `condition` (see `apply_condition`), in order, in batches."""
     for start in range(0, len(pixels), batch_size):
         yield from detector.detect(
@@ -346,7 +351,7 @@ def detections_under(
 
 
 def _evaluate_rows(
-    detector: Any,
+    detector: Detector,
     rows: Sequence[ManifestRow],
     *,
     conditions: Sequence[Condition],
