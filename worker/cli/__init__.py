@@ -19,9 +19,9 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-from worker.cli import models_cmds, pipeline_cmds, webhook_cmds  # noqa: E402 - after `main` exists
+from worker.cli import clients_cmds, models_cmds, pipeline_cmds, webhook_cmds  # noqa: E402 - after `main` exists
 
-for _module in (pipeline_cmds, models_cmds, webhook_cmds):
+for _module in (pipeline_cmds, models_cmds, webhook_cmds, clients_cmds):
     _module.register(main)
 
 __all__ = ["main"]
