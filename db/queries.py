@@ -181,10 +181,6 @@ def get_check(session: Session, check_id: uuid.UUID) -> Check | None:
     return session.get(Check, check_id)
 
 
-def get_client(session: Session, name: str) -> Client | None:
-    return session.get(Client, name)
-
-
 def set_client_policy(
     session: Session, name: str, *, flag_threshold: float | None = None, flag_uncertain: bool = False
 ) -> Client:
@@ -270,7 +266,6 @@ __all__ = [
     "find_verdict",
     "flagged_condition",
     "get_check",
-    "get_client",
     "get_or_create_check",
     "is_flagged",
     "list_checks",
