@@ -5,8 +5,9 @@
                  image_url="https://cdn.example.com/u/123.jpg")
 
 Any Celery producer can do the same with ``send_task("synthguard.check_image", kwargs={...})``; this helper
-validates the payload first, so an oversized inline image is refused here instead of travelling through Redis.
-Imports only Celery (no database, no torch).
+first runs the worker's own parser (``worker.requests``) on the message, so a message the worker would refuse
+is refused here instead of travelling through Redis to become a failed check. Imports Celery and httpx (for
+the callback URL check); no database, no torch.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from typing import Any, Final
 
 from celery import Celery
 
-CHECK_IMAGE_TASK: Final = "synthguard.check_image"
+from worker.requests import (
+    CHECK_IMAGE_TASK,
+    DEFAULT_MAX_INLINE_BYTES,
+    RequestLimits,
+    parse_check_request,
+)
+
 DEFAULT_QUEUE: Final = "synthguard"
-DEFAULT_MAX_INLINE_BYTES: Final = 20 * 1024 * 1024
-# The worker's limits (db.tables); a test keeps the two in step.
-CLIENT_MAX_LEN: Final = 100
-EXTERNAL_ID_MAX_LEN: Final = 255
-URL_MAX_LEN: Final = 2048
 
 
 def build_check_payload(
@@ -37,20 +39,34 @@ def build_check_payload(
     callback_url: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     max_inline_bytes: int = DEFAULT_MAX_INLINE_BYTES,
+    allow_private_hosts: str = "",
 ) -> dict[str, Any]:
-    """The JSON kwargs of ``synthguard.check_image``; ValueError for anything the worker would refuse."""
-    if not client or len(client) > CLIENT_MAX_LEN:
-        raise ValueError(f"client must be 1..{CLIENT_MAX_LEN} characters")
-    if not external_id or len(external_id) > EXTERNAL_ID_MAX_LEN:
-        raise ValueError(f"external_id must be 1..{EXTERNAL_ID_MAX_LEN} characters")
+    """The JSON kwargs of ``synthguard.check_image``, checked by the parser the worker runs on them.
+
+    Raises ValueError, naming the field, for everything that parser refuses: a field of the wrong type; a
+    blank ``client`` or ``external_id``, or one over 100 or 255 characters; NUL characters or lone
+    surrogates in any text, metadata included; a URL that is not http(s) or is over 2048 characters; a
+    ``callback_url`` whose form ``worker.netguard`` refuses (user information, a privileged port other than 80
+    and 443, no host); ``metadata`` that is not a JSON object, holds NaN or infinity, or is over 16 KiB as
+    JSON; an empty inline image or one over ``max_inline_bytes``. Also ValueError unless exactly one image
+    source is given, and the OSError of an unreadable ``image_path``.
+
+    Two limits are worker settings, which this helper cannot see. The defaults are the worker's defaults; pass
+    the worker's values if it sets others: ``max_inline_bytes`` (SYNTHGUARD_MAX_INLINE_BYTES) and
+    ``allow_private_hosts`` (SYNTHGUARD_ALLOW_PRIVATE_HOSTS: a callback to a host listed there by name may use
+    any port).
+
+    Not checked here, as the worker checks them later and not when the message arrives: where the image and
+    callback hosts resolve to (at each fetch or delivery, after DNS), and whether the bytes are an image.
+    """
     sources = sum(value is not None for value in (image_url, image_bytes, image_path))
     if sources != 1:
         raise ValueError("give exactly one of image_url, image_bytes and image_path")
     payload: dict[str, Any] = {"client": client, "external_id": external_id}
     if image_url is not None:
-        _check_url("image_url", image_url)
         payload["image_url"] = image_url
     else:
+        # The parser would refuse an oversized image too; checking first avoids reading and encoding it.
         if image_path is not None:
             path = Path(image_path)
             size = path.stat().st_size
@@ -60,20 +76,14 @@ def build_check_payload(
         assert image_bytes is not None  # noqa: S101 - exactly one source was given
         if len(image_bytes) > max_inline_bytes:
             raise ValueError(f"inline image too large: {len(image_bytes)} bytes > limit {max_inline_bytes}")
-        if not image_bytes:
-            raise ValueError("the inline image is empty")
         payload["image_b64"] = base64.b64encode(image_bytes).decode("ascii")
     if callback_url is not None:
-        _check_url("callback_url", callback_url)
         payload["callback_url"] = callback_url
     if metadata is not None:
-        payload["metadata"] = dict(metadata)
+        # A copy of a mapping; anything else goes to the parser as it is, to be refused with the field's name.
+        payload["metadata"] = dict(metadata) if isinstance(metadata, Mapping) else metadata
+    parse_check_request(payload, RequestLimits(max_inline_bytes, allow_private_hosts))
     return payload
-
-
-def _check_url(name: str, url: str) -> None:
-    if len(url) > URL_MAX_LEN or not url.lower().startswith(("http://", "https://")):
-        raise ValueError(f"{name} must be an http(s) URL of at most {URL_MAX_LEN} characters")
 
 
 def submit_check(
@@ -85,7 +95,7 @@ def submit_check(
     """Validate and send one check; returns the Celery task id. ``producer``: a Celery app or a broker URL.
 
     The check's result lands in the database (and in webhooks); the task id only identifies the message.
-    Fields are those of :func:`build_check_payload`.
+    Fields are those of :func:`build_check_payload`, which raises ValueError before anything is sent.
     """
     payload = build_check_payload(**fields)
     if isinstance(producer, Celery):
@@ -97,4 +107,10 @@ def submit_check(
         return str(app.send_task(CHECK_IMAGE_TASK, kwargs=payload, queue=queue).id)
 
 
-__all__ = ["build_check_payload", "submit_check"]
+__all__ = [
+    "CHECK_IMAGE_TASK",
+    "DEFAULT_MAX_INLINE_BYTES",
+    "DEFAULT_QUEUE",
+    "build_check_payload",
+    "submit_check",
+]

@@ -1,4 +1,6 @@
-"""Thin Celery tasks: validate the message, open units of work, call the pipeline, then enqueue follow-ups.
+"""Thin Celery tasks: parse the message, open units of work, call the pipeline, then enqueue follow-ups.
+
+The message schema and its parser live in ``worker.requests``, shared with the producer ``worker.client``.
 
 ``synthguard.check_image`` is the public entry point (any Celery producer, no synthguard import needed):
 
@@ -16,12 +18,10 @@ retries after transient fetch errors).
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Final
 
 import kombu.exceptions
@@ -31,143 +31,19 @@ from celery import Celery, Task, shared_task
 
 from db.queries import get_or_create_check
 from db.session import session_scope
-from db.tables import CLIENT_MAX_LEN, EXTERNAL_ID_MAX_LEN, URL_MAX_LEN
-from worker import netguard, pipeline
+from worker import pipeline
 from worker.app import runtime_for
+from worker.requests import CHECK_IMAGE_TASK, InvalidRequestError, parse_check_request
 from worker.settings import Settings
+from worker.webhook_delivery import DELIVER_WEBHOOK_TASK
 
 log = logging.getLogger(__name__)
 
-CHECK_IMAGE_TASK: Final = "synthguard.check_image"
 PROCESS_CHECKS_TASK: Final = "synthguard.process_checks"
-DELIVER_WEBHOOK_TASK: Final = "synthguard.deliver_webhook"
-METADATA_MAX_BYTES: Final = 16 * 1024
 MAX_IDS_PER_MESSAGE: Final = 1000
-PAYLOAD_KEYS: Final = frozenset(
-    {"image_url", "image_b64", "external_id", "client", "callback_url", "metadata"}
-)
 # Database unreachable (restart, failover): retry the whole task; claims and upserts make that harmless.
 DATABASE_ERRORS: Final = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 DB_RETRY_MAX: Final = 10
-
-
-class InvalidRequestError(ValueError):
-    """A check_image message that cannot be processed; ``key``: (client, external_id) if those were valid."""
-
-    def __init__(self, reason: str, key: tuple[str, str] | None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.key = key
-
-
-@dataclass(frozen=True)
-class CheckRequest:
-    client: str
-    external_id: str
-    image_url: str | None
-    image_data: bytes | None
-    callback_url: str | None
-    metadata: dict[str, Any] | None
-
-
-def _bounded_text(payload: Mapping[str, Any], name: str, max_len: int, *, required: bool) -> str | None:
-    value = payload.get(name)
-    if value is None:
-        if required:
-            raise ValueError(f"{name} is required")
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
-    if required and not value.strip():
-        raise ValueError(f"{name} must not be empty")
-    if len(value) > max_len:
-        raise ValueError(f"{name} is longer than {max_len} characters")
-    _check_storable(name, value)
-    return value
-
-
-def _check_storable(name: str, text: str) -> None:
-    """PostgreSQL's text and JSONB hold neither NUL characters nor lone UTF-16 surrogates; JSON has both."""
-    if "\x00" in text:
-        raise ValueError(f"{name} must not contain NUL characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{name} is not valid Unicode (it holds a lone surrogate)") from None
-
-
-def _check_metadata(metadata: Any) -> None:
-    if not isinstance(metadata, dict):
-        raise TypeError(f"metadata must be a JSON object, not {type(metadata).__name__}")
-    try:
-        size = len(json.dumps(metadata, allow_nan=False))
-    except ValueError as exc:  # NaN and infinities: Python's json writes them, JSONB refuses them
-        raise ValueError(f"metadata is not valid JSON ({exc})") from None
-    if size > METADATA_MAX_BYTES:
-        raise ValueError(f"metadata is larger than {METADATA_MAX_BYTES} bytes of JSON")
-    pending: list[Any] = [metadata]
-    while pending:  # every key and string value, at any depth (the size limit bounds the walk)
-        value = pending.pop()
-        if isinstance(value, dict):
-            pending += list(value.keys()) + list(value.values())
-        elif isinstance(value, list):
-            pending += value
-        elif isinstance(value, str):
-            _check_storable("metadata", value)
-
-
-def _http_url(name: str, value: str | None) -> str | None:
-    if value is not None and not value.lower().startswith(("http://", "https://")):
-        raise ValueError(f"{name} must be an http(s) URL")
-    return value
-
-
-def _callback_url(payload: Mapping[str, Any], settings: Settings) -> str | None:
-    url = _http_url("callback_url", _bounded_text(payload, "callback_url", URL_MAX_LEN, required=False))
-    if url is not None:
-        # Its form now (a bad port would fail every delivery); its addresses at every send, after DNS.
-        try:
-            netguard.check_url_form(url, netguard.HostAllowlist.from_settings(settings))
-        except netguard.ForbiddenTargetError as exc:
-            raise ValueError(f"callback_url refused: {exc.reason}") from None
-    return url
-
-
-def parse_check_request(payload: Mapping[str, Any], settings: Settings) -> CheckRequest:
-    """Validate the JSON kwargs of ``synthguard.check_image``; raise InvalidRequestError with the reason."""
-    try:
-        client = _bounded_text(payload, "client", CLIENT_MAX_LEN, required=True)
-        external_id = _bounded_text(payload, "external_id", EXTERNAL_ID_MAX_LEN, required=True)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(str(exc), None) from None
-    if client is None or external_id is None:  # pragma: no cover - required=True guarantees both
-        raise InvalidRequestError("client and external_id are required", None)
-    try:
-        return _parse_fields(payload, settings, client, external_id)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(str(exc), (client, external_id)) from None
-
-
-def _parse_fields(
-    payload: Mapping[str, Any], settings: Settings, client: str, external_id: str
-) -> CheckRequest:
-    unknown = sorted(str(name) for name in set(payload) - PAYLOAD_KEYS)
-    if unknown:
-        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
-    image_url = _http_url("image_url", _bounded_text(payload, "image_url", URL_MAX_LEN, required=False))
-    image_b64 = payload.get("image_b64")
-    if (image_url is None) == (image_b64 is None):
-        raise ValueError("exactly one of image_url and image_b64 is required")
-    image_data = None
-    if image_b64 is not None:
-        if not isinstance(image_b64, str):
-            raise TypeError(f"image_b64 must be a string, not {type(image_b64).__name__}")
-        image_data = pipeline.decode_base64_image(image_b64, settings.max_inline_bytes)
-    callback_url = _callback_url(payload, settings)
-    metadata = payload.get("metadata")
-    if metadata is not None:
-        _check_metadata(metadata)
-    return CheckRequest(client, external_id, image_url, image_data, callback_url, metadata)
 
 
 def retry_countdown(retries: int, settings: Settings) -> float:
@@ -340,12 +216,9 @@ def process_checks(self: Task[Any, Any], check_ids: Any = None) -> int:
 __all__ = [
     "CHECK_IMAGE_TASK",
     "PROCESS_CHECKS_TASK",
-    "CheckRequest",
-    "InvalidRequestError",
     "check_image",
     "enqueue_checks",
     "enqueue_deliveries",
-    "parse_check_request",
     "process_check_ids",
     "process_checks",
     "retry_countdown",
