@@ -18,8 +18,6 @@ return are enqueued by the caller after commit.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import logging
 import math
@@ -253,22 +251,6 @@ def _image_bytes(check: Check, settings: Settings, fetcher: Fetcher) -> bytes:
         # Bytes were cleared after an earlier outcome; only a reviewer re-run lands here.
         raise _InvalidInputError("the inline image is no longer stored (SYNTHGUARD_STORE_RAW_IMAGES is off)")
     raise _InvalidInputError("no image: the check has neither an image URL nor inline image bytes")
-
-
-def decode_base64_image(text: str, max_bytes: int) -> bytes:
-    """Bytes of an inline base64 image, refusing oversize input before decoding it."""
-    # 4 base64 characters carry 3 bytes; refuse early instead of allocating the decoded copy.
-    if len(text) > (max_bytes // 3 + 1) * 4 + 4:
-        raise ValueError(f"inline image too large: over {max_bytes} bytes (SYNTHGUARD_MAX_INLINE_BYTES)")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("image_b64 is not valid base64") from None
-    if len(data) > max_bytes:
-        raise ValueError(f"inline image too large: {len(data)} bytes > limit {max_bytes}")
-    if not data:
-        raise ValueError("image_b64 is empty")
-    return data
 
 
 def _reuse_stored_verdicts(
@@ -524,7 +506,6 @@ __all__ = [
     "DetectorLike",
     "PipelineResult",
     "claim",
-    "decode_base64_image",
     "fail_checks",
     "json_safe",
     "perceptual_hash",

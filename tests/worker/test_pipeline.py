@@ -349,13 +349,3 @@ def test_json_safe_removes_nan_and_numpy():
 
     value = {"a": np.float32(1.5), "b": float("nan"), "c": (np.int64(2), float("inf")), 3: np.array([1, 2])}
     assert pipeline.json_safe(value) == {"a": 1.5, "b": None, "c": [2, None], "3": [1, 2]}
-
-
-def test_base64_limits():
-    import base64
-
-    assert pipeline.decode_base64_image(base64.b64encode(b"abc").decode(), 10) == b"abc"
-    with pytest.raises(ValueError, match="too large"):
-        pipeline.decode_base64_image(base64.b64encode(b"x" * 100).decode(), 10)
-    with pytest.raises(ValueError, match="not valid base64"):
-        pipeline.decode_base64_image("not base64!!", 100)
