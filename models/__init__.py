@@ -7,16 +7,27 @@ Typical use:
     detections = detector.detect([pil_image, models.ImageInput(image=other, data=file_bytes)])
 
 This package imports only PyTorch, NumPy, Pillow (and c2pa for provenance); never Celery, SQLAlchemy, Redis
-or HTTP.
+or HTTP. PyTorch is imported on first use of the detector (`create_detector`, `list_detectors`, `Detector`,
+`WeightsError`, `detector_from_weights`), not by `import models`: the worker's CLI and producers use the
+plain types and errors, and importing torch alone takes seconds and a few hundred MB.
 """
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
 from models._config import SYNTHGUARD_V1, DetectorCfg
 from models._registry import REGISTRY, DetectorRegistry, UnknownDetectorError, register_detector
 from models._types import Detection, ImageInput
-from models.detector import Detector, WeightsError, detector_from_weights
 from models.errors import DetectorError, ImageTooSmallError, UnsupportedImageError
+
+if TYPE_CHECKING:
+    from models.detector import Detector, WeightsError, detector_from_weights
+
+#: Public names that live in `models.detector` (which imports torch), resolved on first access (PEP 562).
+_DETECTOR_NAMES = frozenset({"Detector", "WeightsError", "detector_from_weights"})
 
 __all__ = [
     "SYNTHGUARD_V1",
@@ -37,6 +48,21 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name in _DETECTOR_NAMES:
+        return getattr(_detector_module(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _DETECTOR_NAMES)
+
+
+def _detector_module() -> ModuleType:
+    """`models.detector`, imported on first need; importing it registers the shipped detectors."""
+    return importlib.import_module("models.detector")
+
+
 def create_detector(name: str = "synthguard-v1", device: str | None = None) -> Detector:
     """Build a registered detector.
 
@@ -48,9 +74,11 @@ def create_detector(name: str = "synthguard-v1", device: str | None = None) -> D
         UnknownDetectorError: no detector has that name.
         WeightsError: the weights file is missing or does not match its pinned sha256.
     """
+    _detector_module()
     return REGISTRY.create(name, device=device)
 
 
 def list_detectors() -> list[str]:
-    """Names accepted by `create_detector`."""
+    """Names accepted by `create_detector` (imports torch: the shipped detectors register on import)."""
+    _detector_module()
     return REGISTRY.names()

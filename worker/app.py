@@ -21,7 +21,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps
 from celery.signals import worker_init, worker_process_init
@@ -30,9 +30,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
-from worker.pipeline import DetectorLike
 from worker.settings import Settings
 from worker.webhook_delivery import webhook_task_routes
+
+if TYPE_CHECKING:
+    from worker.pipeline import DetectorLike
 
 log = logging.getLogger(__name__)
 

@@ -6,26 +6,53 @@ import io
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 from PIL import Image
 
-from models import DetectorError, ImageInput, create_detector, detector_from_weights, list_detectors
-from models.data import CONDITIONS
-from models.detector import Detector
-from worker.client import DEFAULT_MAX_INLINE_BYTES
+# Only torch-free names at import: every `synthguard` command imports this module (tests/test_layering.py).
+from models import DetectorError, ImageInput, create_detector, list_detectors
+from worker.requests import DEFAULT_MAX_INLINE_BYTES
+
+if TYPE_CHECKING:
+    from models.detector import Detector
 
 #: Largest file `detect` reads, checked before reading: the worker's default SYNTHGUARD_MAX_INLINE_BYTES
 #: (20 MiB), so the command refuses what an inline check would. `detect` reads no settings otherwise.
 MAX_FILE_BYTES: Final[int] = DEFAULT_MAX_INLINE_BYTES
 
 
+class _HelpOnDemandOption(click.Option):
+    """An option whose help text is built when help is printed, not when the module is imported.
+
+    For help that names detectors or conditions: listing them imports torch (`models.detector`,
+    `models.data`), which only `synthguard detect/eval --help` should pay for.
+    """
+
+    def __init__(self, *args: Any, help_on_demand: Callable[[], str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_on_demand = help_on_demand
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        self.help = self._help_on_demand()
+        return super().get_help_record(ctx)
+
+
+def _conditions() -> tuple[str, ...]:
+    from models.data import CONDITIONS  # noqa: PLC0415 - imports torch
+
+    return CONDITIONS
+
+
 def _build_detector(model: str, weights: Path | None, device: str | None) -> Detector:
     try:
         if weights is not None:
+            from models.detector import detector_from_weights  # noqa: PLC0415 - imports torch
+
             return detector_from_weights(weights, device=device)
         return create_detector(model, device=device)
     except DetectorError as exc:
@@ -67,7 +94,13 @@ def _read_image(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[ImageInput
 
 @click.command("detect")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", default="synthguard-v1", show_default=True, help=f"one of {list_detectors()}")
+@click.option(
+    "--model",
+    default="synthguard-v1",
+    show_default=True,
+    cls=_HelpOnDemandOption,
+    help_on_demand=lambda: f"one of {list_detectors()}",
+)
 @click.option(
     "--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="local weights file"
 )
@@ -112,9 +145,10 @@ def detect_command(
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--conditions",
-    default=",".join(CONDITIONS),
-    show_default=True,
-    help="comma-separated subset of " + ", ".join(CONDITIONS),
+    default=lambda: ",".join(_conditions()),
+    show_default="all",
+    cls=_HelpOnDemandOption,
+    help_on_demand=lambda: "comma-separated subset of " + ", ".join(_conditions()),
 )
 @click.option(
     "--holdout-source",
@@ -158,6 +192,7 @@ def eval_command(
     """ROC AUC, TPR at 1%/5% FPR, balanced accuracy, recall per generator, FPR per real source, per
     condition.
     """
+    from models.data import CONDITIONS  # noqa: PLC0415 - imports torch
     from models.evaluation import evaluate, leave_one_source_out  # noqa: PLC0415 - scipy is only needed here
     from models.training import TrainConfig  # noqa: PLC0415
 

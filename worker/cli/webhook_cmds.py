@@ -16,7 +16,6 @@ from typing import Any
 
 import click
 import sqlalchemy as sa
-from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.base import utcnow
@@ -161,7 +160,10 @@ def _enqueue(settings: Settings, delivery_ids: Sequence[uuid.UUID]) -> None:
     """Send the delivery tasks; if the broker is unreachable the rows wait for a worker's sweep."""
     if not delivery_ids:
         return
-    # A bare producer: the full worker app would import the detector (torch) just to send a message.
+    from celery import Celery  # noqa: PLC0415 - only a command that sends a message imports Celery
+
+    # A bare producer: the full worker app would import and register every task module (pipeline, reconciler)
+    # and connect the worker's signal handlers, just to send a message.
     app = Celery("synthguard-cli", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
