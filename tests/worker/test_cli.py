@@ -94,6 +94,34 @@ def test_scan_table_and_listings(tmp_path, images):
     assert details["created_at"].endswith("+00:00")
 
 
+def test_listings_say_when_they_stop_at_the_limit(tmp_path):
+    """A reviewer working through a day's flagged checks must not believe the first page was all of them."""
+    from db.session import make_session_factory, session_scope
+    from tests.worker.webhook_helpers import add_checked_image
+    from worker import outbox
+
+    db_path = str(tmp_path / "many.db")
+    assert run("db", "upgrade", "--db", db_path).exit_code == 0
+    engine = make_engine(f"sqlite:///{db_path}")
+    with session_scope(make_session_factory(engine)) as session:
+        for _ in range(3):
+            check, verdict = add_checked_image(session, callback_url="https://example.com/cb")
+            outbox.record_check_events(session, check, verdict)
+    engine.dispose()
+    notice = "showing the newest 2; more match"
+    for command in (["verdicts", "--flagged"], ["checks"]):
+        cut = run(*command, "--db", db_path, "--limit", "2", "--format", "json")
+        assert len(json.loads(cut.stdout)) == 2 and notice in cut.stderr
+        whole = run(*command, "--db", db_path, "--limit", "3", "--format", "json")
+        assert len(json.loads(whole.stdout)) == 3 and whole.stderr == ""
+        assert notice in run(*command, "--db", db_path, "--limit", "2").stderr  # the table too
+    env = {"SYNTHGUARD_DATABASE_URL": f"sqlite:///{db_path}"}
+    cut = run("webhooks", "deliveries", "--limit", "2", "--format", "json", env=env)
+    assert len(json.loads(cut.stdout)) == 2 and notice in cut.stderr
+    whole = run("webhooks", "deliveries", "--limit", "3", env=env)
+    assert "showing the newest" not in whole.stderr
+
+
 def test_listings_refuse_an_unmigrated_database_with_one_line(tmp_path):
     result = run("checks", "--db", str(tmp_path / "empty.db"))
     assert result.exit_code == 1

@@ -125,6 +125,12 @@ def _cell(value: Any) -> str:
     return text if len(text) <= CELL_MAX_CHARS else text[: CELL_MAX_CHARS - 1] + "…"
 
 
+def note_if_truncated(found: int, limit: int) -> None:
+    """Say on stderr that a listing stopped at ``--limit`` (callers fetch one row more than they show)."""
+    if found > limit:
+        click.echo(f"showing the newest {limit}; more match: narrow the filters or raise --limit", err=True)
+
+
 def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], output_format: str) -> None:
     """Print rows as an aligned table (only ``columns``) or as a JSON array (every key)."""
     if output_format == "json":
@@ -653,9 +659,12 @@ def verdicts(  # noqa: PLR0917 - one parameter per click option
     settings = cli_settings(database)
     factory = open_database(settings, migrate=False)
     with session_scope(factory) as session:
-        checks = list_verdicts(session, flagged=flagged, client=client, since=parse_since(since), limit=limit)
-        rows = [check_row(check) for check in checks]
+        found = list_verdicts(
+            session, flagged=flagged, client=client, since=parse_since(since), limit=limit + 1
+        )
+        rows = [check_row(check) for check in found[:limit]]
     emit(rows, VERDICT_COLUMNS, output_format)
+    note_if_truncated(len(found), limit)
 
 
 CHECK_COLUMNS: Final = ("check_id", "client", "external_id", "status", "attempts", "verdict", "error")
@@ -680,9 +689,10 @@ def checks(  # noqa: PLR0917 - one parameter per click option
     settings = cli_settings(database)
     factory = open_database(settings, migrate=False)
     with session_scope(factory) as session:
-        found = list_checks(session, status=status, client=client, since=parse_since(since), limit=limit)
-        rows = [check_row(check) for check in found]
+        found = list_checks(session, status=status, client=client, since=parse_since(since), limit=limit + 1)
+        rows = [check_row(check) for check in found[:limit]]
     emit(rows, CHECK_COLUMNS, output_format)
+    note_if_truncated(len(found), limit)
 
 
 def _describe_value(value: Any) -> str:

@@ -23,6 +23,7 @@ from db.migrate import is_up_to_date
 from db.session import make_engine, make_session_factory, session_scope
 from db.webhook_tables import WebhookDelivery, WebhookEndpoint
 from worker import netguard
+from worker.cli.pipeline_cmds import note_if_truncated
 from worker.settings import Settings, SettingsError, load_settings
 from worker.webhook_delivery import (
     DELIVER_WEBHOOK_TASK,
@@ -329,7 +330,7 @@ def deliveries_cmd(
     query = (
         sa.select(WebhookDelivery)
         .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id)
-        .limit(limit)
+        .limit(limit + 1)
     )
     statuses = [status for status, wanted in (("failed", failed), ("pending", pending)) if wanted]
     if statuses:
@@ -339,15 +340,18 @@ def deliveries_cmd(
     if check_id is not None:
         query = query.where(WebhookDelivery.check_id == _parse_id(check_id, "check"))
     with _database(settings) as factory, session_scope(factory) as session:
-        rows = [_delivery_row(delivery) for delivery in session.scalars(query)]
+        found = session.scalars(query).all()
+        rows = [_delivery_row(delivery) for delivery in found[:limit]]
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
+        note_if_truncated(len(found), limit)
         return
     for row in rows:
         row["last"] = row["last_status_code"] or ""
         if row["last_error"]:
             row["last"] = f"{row['last']} {row['last_error']}".strip()[:80]
     _print_table(rows, ["id", "event", "status", "attempts", "created_at", "url", "last"])
+    note_if_truncated(len(found), limit)
 
 
 @webhooks.command("show")
