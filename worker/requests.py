@@ -174,6 +174,14 @@ def _http_url(name: str, value: str | None) -> str | None:
     return value
 
 
+def check_callback_url(url: str, settings: RequestSettings) -> None:
+    """Raise ValueError (naming the field) for a callback URL a ``check_image`` message could not carry.
+
+    For other producers of checks (``synthguard enqueue``), so they store only what the task would.
+    """
+    _callback_url({"callback_url": url}, settings)
+
+
 def _callback_url(payload: Mapping[str, Any], settings: RequestSettings) -> str | None:
     url = _http_url("callback_url", _bounded_text(payload, "callback_url", URL_MAX_LEN, required=False))
     if url is not None:
@@ -197,6 +205,7 @@ __all__ = [
     "InvalidRequestError",
     "RequestLimits",
     "RequestSettings",
+    "check_callback_url",
     "decode_base64_image",
     "parse_check_request",
 ]

@@ -10,6 +10,7 @@ import json
 import re
 from functools import cached_property
 from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -137,19 +138,28 @@ class Settings(BaseSettings):
         scheme, sep, rest = value.partition("://")
         if not sep or scheme not in _BROKER_SCHEMES or not rest:
             raise ValueError("not a broker URL (expected redis://host:port/db)")
+        # Kombu parses the port only when it connects, and its error repeats the text it read as the port:
+        # the password's tail when a password holds an unescaped '/'. Parsed here, never echoed.
+        try:
+            urlsplit(value).port  # noqa: B018 - parsing is the check
+        except ValueError:
+            raise ValueError(
+                "the broker URL's port is not a number (percent-encode '/', '#', '?' or '@' in a password)"
+            ) from None
         return value
 
     @field_validator("allow_private_hosts")
     @classmethod
     def _check_allow_private_hosts(cls, value: str) -> str:
-        for entry in _split_hosts(value):
+        # Entries are named by position, not echoed: settings errors never repeat a value.
+        for position, entry in enumerate(_split_hosts(value), start=1):
             if "/" in entry:
                 try:
                     ipaddress.ip_network(entry, strict=False)
                 except ValueError:
-                    raise ValueError(f"{entry!r} is not a valid CIDR") from None
+                    raise ValueError(f"entry {position} is not a valid CIDR") from None
             elif not re.fullmatch(r"[A-Za-z0-9.:\-\[\]_]+", entry):
-                raise ValueError(f"{entry!r} is not a host name or IP address")
+                raise ValueError(f"entry {position} is not a host name or IP address") from None
         return value
 
     @field_validator("secret_key")

@@ -122,7 +122,35 @@ def test_listings_say_when_they_stop_at_the_limit(tmp_path):
     assert "showing the newest" not in whole.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # An unescaped '/' in a password: Python's URL parser reads "hunter" as the port; kombu's own error
+        # repeated it (a traceback, in a crash-looping container's log).
+        ("SYNTHGUARD_BROKER_URL", "redis://:hunter/2@localhost:6379/0"),
+        ("SYNTHGUARD_BROKER_URL", "redis://localhost:63x79/0"),
+        ("SYNTHGUARD_ALLOW_PRIVATE_HOSTS", "10.0.0.0/8,hunter2 secret"),
+    ],
+)
+def test_settings_errors_are_one_line_that_never_echoes_the_value(tmp_path, variable, value):
+    for command in (["checks", "--db", str(tmp_path / "x.db")], ["enqueue", str(tmp_path)]):
+        result = run(*command, env={variable: value})
+        assert result.exit_code == 1
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+        assert variable in result.stderr
+        assert "hunter" not in result.stderr and "63x79" not in result.stderr
+
+
 def test_listings_refuse_an_unmigrated_database_with_one_line(tmp_path):
+    missing = tmp_path / "typo.db"
+    for command in (["checks"], ["verdicts"], ["show", str(uuid.uuid4())]):
+        result = run(*command, "--db", str(missing))
+        assert result.exit_code == 1
+        assert f"no database at {missing}" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not missing.exists()  # a read never leaves an empty database behind
+
+    (tmp_path / "empty.db").touch()
     result = run("checks", "--db", str(tmp_path / "empty.db"))
     assert result.exit_code == 1
     assert "run `synthguard db upgrade`" in result.stderr
@@ -232,6 +260,25 @@ def test_listings_refuse_an_age_before_year_one(tmp_path):
         result = run(command, "--since", "1000000d", "--db", db_path)
         assert result.exit_code == 2
         assert "Invalid value for --since: an age of 1000000 days reaches before year 1" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("callback_url", "reason"),
+    [
+        ("ftp://example.com/hook", "http"),
+        ("https://example.com:22/hook", "port"),
+        ("https://user:password@example.com/hook", "user"),
+    ],
+)
+def test_enqueue_refuses_a_callback_url_the_task_would_refuse(tmp_path, callback_url, reason):
+    """Stored, such a URL failed every check.flagged delivery silently (and kept the password)."""
+    (tmp_path / "a.png").write_bytes(photo_bytes("chelsea.png", offset=90))
+    db_path = tmp_path / "cb.db"
+    result = run("enqueue", str(tmp_path / "a.png"), "--callback-url", callback_url, "--db", str(db_path))
+    assert result.exit_code == 2
+    assert "--callback-url" in result.stderr and reason in result.stderr.lower()
+    assert "password" not in result.stderr
+    assert not db_path.exists()  # refused before anything was recorded
 
 
 def test_enqueue_reaches_a_real_worker(celery_worker, settings, pg_session_factory, tmp_path):

@@ -194,6 +194,7 @@ def test_set_refuses_bad_values_with_one_error_line_and_stores_nothing(sqlite_ur
 
 
 def test_clients_refuse_an_unmigrated_database_with_one_line(tmp_path):
+    (tmp_path / "empty.db").touch()
     result = CliRunner().invoke(main, ["clients", "list", "--db", str(tmp_path / "empty.db")])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1

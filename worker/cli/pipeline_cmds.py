@@ -32,6 +32,7 @@ from db.queries import get_check, get_or_create_check, list_checks, list_verdict
 from db.session import make_engine, make_session_factory, session_scope
 from db.tables import CHECK_STATUSES, EXTERNAL_ID_MAX_LEN, VERDICTS, Check
 from worker import pipeline
+from worker.requests import check_callback_url
 from worker.settings import Settings, SettingsError, load_settings
 
 IMAGE_SUFFIXES: Final = frozenset(
@@ -92,6 +93,16 @@ def _db_reason(exc: sqlalchemy.exc.DatabaseError) -> str:
 
 def open_database(settings: Settings, *, migrate: bool) -> sessionmaker[Session]:
     """A session factory for the configured database, migrated to head if ``migrate`` (else checked)."""
+    url = sa.engine.make_url(settings.database_url)
+    if not migrate and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        # Opening would create an empty file, and the next message would ask for a migration of the wrong
+        # database; a listing pointed at a path that does not exist is a typo or a missing --db.
+        path = Path(url.database)
+        if not path.exists():
+            raise click.ClickException(
+                f"no database at {path} (pass --db, or set SYNTHGUARD_DATABASE_URL, to read another; "
+                "`synthguard scan` or `synthguard db upgrade` creates one)"
+            )
     engine = make_engine(settings.database_url)
     context = click.get_current_context(silent=True)
     if context is not None:
@@ -504,9 +515,10 @@ def demo(paths: tuple[str, ...], database: str | None, images_dir: Path, output_
     columns = ("input", "what it is", "verdict", "score", "check_id")
     emit(rows, with_error_column(rows, columns), output_format)
     if output_format == "table":
+        db_args = f" --db {database}" if database else ""
         click.echo(
             f"\nImages written to {images_dir}/; verdicts stored in {_safe_url(settings.database_url)} "
-            "(try `synthguard verdicts` or `synthguard show CHECK_ID`)."
+            f"(try `synthguard verdicts{db_args}` or `synthguard show CHECK_ID{db_args}`)."
         )
 
 
@@ -560,8 +572,12 @@ def enqueue(
 ) -> None:
     """Queue images for the workers; prints one check id per input (finished checks are not re-queued)."""
     settings = cli_settings(database)
-    if callback_url is not None and not callback_url.lower().startswith(("http://", "https://")):
-        raise click.BadParameter("must be an http(s) URL", param_hint="--callback-url")
+    if callback_url is not None:
+        # The same rule as a check_image message's: a URL no delivery can reach would lose every notice.
+        try:
+            check_callback_url(callback_url, settings)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--callback-url") from None
     items = expand_inputs(inputs)
     factory = open_database(settings, migrate=False)
     rows: list[dict[str, Any]] = []
