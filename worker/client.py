@@ -13,6 +13,7 @@ the callback URL check); no database, no torch.
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -27,6 +28,7 @@ from worker.requests import (
 )
 
 DEFAULT_QUEUE: Final = "synthguard"
+QUEUE_ENV: Final = "SYNTHGUARD_QUEUE_NAME"
 
 
 def build_check_payload(
@@ -89,15 +91,18 @@ def build_check_payload(
 def submit_check(
     producer: Celery | str,
     *,
-    queue: str = DEFAULT_QUEUE,
+    queue: str | None = None,
     **fields: Any,
 ) -> str:
     """Validate and send one check; returns the Celery task id. ``producer``: a Celery app or a broker URL.
 
+    ``queue``: the workers' queue; by default ``SYNTHGUARD_QUEUE_NAME`` from the environment, as the workers
+    read it, else ``synthguard`` (a message sent to a queue no worker consumes waits there unseen).
     The check's result lands in the database (and in webhooks); the task id only identifies the message.
     Fields are those of :func:`build_check_payload`, which raises ValueError before anything is sent.
     """
     payload = build_check_payload(**fields)
+    queue = queue or os.environ.get(QUEUE_ENV) or DEFAULT_QUEUE
     if isinstance(producer, Celery):
         return str(producer.send_task(CHECK_IMAGE_TASK, kwargs=payload, queue=queue).id)
     with Celery("synthguard-producer", broker=producer, set_as_current=False) as app:

@@ -100,6 +100,20 @@ def test_submit_check_refuses_before_sending(redis_url, bad_field, field_name):
         broker.close()
 
 
+def test_submit_check_sends_to_the_queue_the_workers_read(redis_url, monkeypatch):
+    """An operator who renamed the queue gets the helper's messages where the workers consume them."""
+    queue = f"synthguard-client-env-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("SYNTHGUARD_QUEUE_NAME", queue)
+    broker = redis.Redis.from_url(redis_url)
+    try:
+        client.submit_check(redis_url, **VALID_FIELDS)
+        assert broker.llen(queue) == 1
+        assert broker.llen("synthguard") == 0
+    finally:
+        broker.delete(queue)
+        broker.close()
+
+
 def _on_the_wire(fields: dict[str, Any]) -> dict[str, Any]:
     """The check_image kwargs the worker receives for these client fields: base64 image, Celery's JSON."""
     message = dict(fields)
