@@ -52,7 +52,7 @@ def test_detect_reports_unreadable_files_and_exits_nonzero(cli, tmp_path):
     result = CliRunner().invoke(cli, ["detect", str(bad), str(good), "--no-evidence"])
     assert result.exit_code == 1
     lines = [json.loads(line) for line in result.output.strip().splitlines()]
-    assert "cannot read image" in lines[0]["error"]
+    assert lines[0]["error"] == "cannot read image: not an image format Pillow recognises"  # no buffer repr
     assert lines[1]["path"] == str(good) and "evidence" not in lines[1]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import click
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # Only torch-free names at import: every `synthguard` command imports this module (tests/test_layering.py).
 from models import DetectorError, ImageInput, create_detector, list_detectors
@@ -86,6 +86,9 @@ def _read_image(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[ImageInput
             img.load()
             image = img.copy()
             image.info.update(img.info)
+    except UnidentifiedImageError:
+        # Pillow's message names the in-memory buffer (<_io.BytesIO object at 0x...>), not the file.
+        return None, "cannot read image: not an image format Pillow recognises"
     except Exception as exc:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error, ... on hostile files
         # One bad file must not cost the other files their results; it gets its own error line.
         return None, f"cannot read image: {str(exc) or type(exc).__name__}"
@@ -104,7 +107,7 @@ def _read_image(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[ImageInput
 @click.option(
     "--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="local weights file"
 )
-@click.option("--device", default=None, help="cpu, cuda, or auto (default)")
+@click.option("--device", default=None, help="auto (default: CUDA when available), cpu, cuda, cuda:N or mps")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--no-evidence", is_flag=True, help="leave the evidence dict out of the output")
 def detect_command(
