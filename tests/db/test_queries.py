@@ -112,15 +112,20 @@ def test_view_query_and_python_agree_on_what_is_flagged(factory):
     with session_scope(factory) as session:
         set_client_policy(session, "strict", flag_threshold=0.3)
         set_client_policy(session, "cautious", flag_uncertain=True)
+        # low_real scores exactly this: "at or above the threshold" flags it.
+        set_client_policy(session, "edge", flag_threshold=0.35)
         generated = upsert_verdict(session, record("1" * 64, "generated", 0.95))
         uncertain = upsert_verdict(session, record("2" * 64, "uncertain", 0.55))
         low_real = upsert_verdict(session, record("3" * 64, "real", 0.35))
         real = upsert_verdict(session, record("4" * 64, "real", 0.05))
         checks = {
             (client, verdict.verdict, verdict.score): _done_check(session, client, verdict)
-            for client in ("default", "strict", "cautious")
+            for client in ("default", "strict", "cautious", "edge")
             for verdict in (generated, uncertain, low_real, real)
         }
+        # A verdict on a check that is not done (being processed again) flags nothing and lists nowhere.
+        not_done = _done_check(session, "default", generated)
+        not_done.status = "processing"
         reviewed = _done_check(session, "default", real)
         record_review(session, reviewed.id, reviewer="alice", new_verdict="generated", note="obvious")
         overruled = _done_check(session, "default", generated)
@@ -132,6 +137,7 @@ def test_view_query_and_python_agree_on_what_is_flagged(factory):
             uuid.UUID(str(value)) if not isinstance(value, uuid.UUID) else value for value in from_view
         }
         from_query = {check.id for check in list_verdicts(session, flagged=True, limit=1000)}
+        listed = {check.id for check in list_verdicts(session, limit=1000)}
         all_checks = session.scalars(sa.select(Check)).all()
         from_python = {
             check.id
@@ -145,11 +151,15 @@ def test_view_query_and_python_agree_on_what_is_flagged(factory):
         checks["strict", "uncertain", 0.55].id,
         checks["strict", "real", 0.35].id,
         checks["cautious", "uncertain", 0.55].id,
+        checks["edge", "generated", 0.95].id,
+        checks["edge", "uncertain", 0.55].id,
+        checks["edge", "real", 0.35].id,
         reviewed.id,
     }
     assert from_python == expected
     assert from_query == expected
     assert from_view == expected
+    assert not_done.id not in listed and len(listed) == len(checks) + 2
 
 
 def test_view_lists_evidence_newest_first(factory):
@@ -174,6 +184,10 @@ def test_review_is_recorded_with_the_previous_verdict(factory):
         review = record_review(session, check.id, reviewer="r", new_verdict="real", note="camera original")
         assert review.previous_verdict == "uncertain"
         assert check.effective_verdict == "real"
+        # A second review overrules the first, not the model: receivers decide from this what changed.
+        second = record_review(session, check.id, reviewer="s", new_verdict="generated")
+        assert second.previous_verdict == "real"
+        assert check.effective_verdict == "generated"
 
 
 def test_listings_filter_by_status_and_age(factory):
@@ -197,15 +211,27 @@ def test_since_with_an_offset_means_the_same_instant_on_every_backend(factory):
     created = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
     client = f"tz-{uuid.uuid4().hex[:8]}"
     with session_scope(factory) as session:
-        session.add(Check(client=client, external_id="x", created_at=created, updated_at=created))
+        verdict = upsert_verdict(session, record("7" * 64))
+        session.add(
+            Check(
+                client=client,
+                external_id="x",
+                status="done",
+                verdict=verdict,
+                created_at=created,
+                updated_at=created,
+            )
+        )
     plus_two = timezone(timedelta(hours=2))
     cases = [
         (datetime(2026, 1, 1, 13, 30, tzinfo=plus_two), 1),
+        (datetime(2026, 1, 1, 14, 0, tzinfo=plus_two), 1),  # since is inclusive
         (datetime(2026, 1, 1, 14, 30, tzinfo=plus_two), 0),
     ]
-    for since, expected in cases:  # 11:30Z and 12:30Z, written as +02:00
+    for since, expected in cases:  # 11:30Z, 12:00Z and 12:30Z, written as +02:00
         with session_scope(factory) as session:
-            assert len(list_checks(session, client=client, since=since)) == expected, since
+            for listing in (list_checks, list_verdicts):
+                assert len(listing(session, client=client, since=since)) == expected, (listing, since)
 
 
 def test_listings_load_each_verdict_but_not_its_evidence(factory):

@@ -226,6 +226,23 @@ def test_provenance_hit_decides_and_says_so(shipped):
     assert 0.0 <= detection.score <= 1.0  # the pixel score is still reported beside the provenance verdict
 
 
+def test_an_unanalysable_image_that_declares_itself_generated_is_decided_by_provenance(shipped):
+    """Too small for the pixel analysis, but its metadata carries generation settings: that still decides."""
+    from PIL import PngImagePlugin
+
+    from tests.images import encode
+    from tests.models.test_provenance import A1111_PARAMETERS
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", A1111_PARAMETERS)
+    data = encode(Image.new("RGB", (40, 40), (1, 2, 3)), "PNG", pnginfo=info)
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    detection = shipped.detect([ImageInput(image=image, data=data, name="tiny.png")])[0]
+    assert (detection.verdict, detection.decided_by, detection.score) == ("generated", "provenance", 0.5)
+    assert detection.evidence["learned"]["analysed"] is False
+
+
 def test_tampered_weights_are_refused(tmp_path):
     tampered = tmp_path / "synthguard-v1.pt"
     shutil.copyfile(SYNTHGUARD_V1.weights_path, tampered)

@@ -107,6 +107,15 @@ def test_every_metric_is_a_readable_record_with_a_camera_range() -> None:
     json.dumps(evidence)  # stored as JSON by the worker
 
 
+def test_vs_camera_says_which_side_of_the_camera_range_a_value_lies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reviewers read the direction: "above" and "below" must not swap, and the range's ends are inside it."""
+    from models.evidence import _common
+
+    monkeypatch.setattr(_common, "camera_range", lambda name, condition="as_is": [1.0, 2.0])
+    sides = {value: _common.metric("grid", "x", value, "test")["vs_camera"] for value in (0.5, 1.0, 2.0, 3.0)}
+    assert sides == {0.5: "below", 1.0: "within", 2.0: "within", 3.0: "above"}
+
+
 def test_feature_vector_follows_feature_names() -> None:
     assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
     evidence = pixel_evidence(_scene(256))

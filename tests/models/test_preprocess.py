@@ -47,6 +47,15 @@ def test_rgb_is_scaled_exactly_and_float32() -> None:
     np.testing.assert_allclose(rgb, pixels / 255.0, atol=1e-6)
 
 
+def test_a_large_photo_keeps_every_pixel() -> None:
+    """No resizing at any size: a downscale of large photos (a tempting speed-up) would erase the traces the
+    detector reads. 2600x1600 is above every common resize target (1024, 1536, 2048)."""
+    pixels = _random_rgb(1600, 2600)
+    rgb = prepare_image(Image.fromarray(pixels)).rgb
+    assert rgb.shape == (1600, 2600, 3)
+    assert np.array_equal(np.rint(rgb * 255).astype(np.uint8), pixels)
+
+
 @pytest.mark.parametrize("mode", ["L", "1"])
 def test_grey_modes_fill_three_equal_channels(mode: str) -> None:
     grey = np.random.default_rng(1).integers(0, 256, size=(40, 50), dtype=np.uint8)

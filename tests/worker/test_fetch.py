@@ -280,6 +280,29 @@ def test_body_larger_than_cap_is_cut(scripted: ScriptedServer) -> None:
     assert not failed.value.transient
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "read-until-close"])
+def test_the_cap_is_exact_a_body_of_the_cap_passes_one_byte_more_does_not(
+    scripted: ScriptedServer, declared: bool
+) -> None:
+    cap = 4 * KIB
+
+    def body_of(size: int) -> Script:
+        def script(sock: socket.socket, server: ScriptedServer) -> None:
+            length = f"Content-Length: {size}\r\n" if declared else ""
+            head = f"HTTP/1.1 200 OK\r\n{length}Connection: close\r\n\r\n".encode()
+            server.send(sock, "body", head + b"\5" * size)
+
+        return script
+
+    scripted.routes["/at-cap"] = body_of(cap)
+    scripted.routes["/over-cap"] = body_of(cap + 1)
+    assert fetch_image(scripted.url("/at-cap"), settings(fetch_max_bytes=cap)) == b"\5" * cap
+    # A declared size over the cap is refused from the header alone, before any of the body is read.
+    with pytest.raises(FetchError, match="Content-Length" if declared else "more than 4096 bytes") as failed:
+        fetch_image(scripted.url("/over-cap"), settings(fetch_max_bytes=cap))
+    assert not failed.value.transient
+
+
 def test_endless_body_without_length_is_cut_at_the_cap(scripted: ScriptedServer) -> None:
     def endless(sock: socket.socket, server: ScriptedServer) -> None:
         server.send(sock, "/endless", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
@@ -338,6 +361,16 @@ def test_gzip_bomb_is_cut_at_the_decoded_cap_with_bounded_memory(scripted: Scrip
     assert not failed.value.transient
     # Peak Python allocations stay near the 1 MiB cap (+ inflate step and wire chunks), nowhere near 256 MiB.
     assert peak < 8 * MIB
+
+
+def test_gzip_body_cut_short_is_a_transient_error_not_a_truncated_image(scripted: ScriptedServer) -> None:
+    # The connection dropped mid-stream, yet the bytes that arrived match their Content-Length: only the gzip
+    # stream knows it is unfinished. A retry may get the whole image; analysing half of one gets nothing.
+    whole = gzip.compress(bytes(range(256)) * 64)
+    scripted.routes["/cut"] = respond("200 OK", whole[: len(whole) // 2], {"Content-Encoding": "gzip"})
+    with pytest.raises(FetchError, match="truncated gzip") as failed:
+        fetch_image(scripted.url("/cut"), settings())
+    assert failed.value.transient
 
 
 def test_unsupported_content_encoding_is_permanent(scripted: ScriptedServer) -> None:

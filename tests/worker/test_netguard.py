@@ -87,6 +87,11 @@ def fixed_resolver(*answers: str):
         ("2002:7f00:1::1", "loopback"),
         ("2002:c0a8:101::1", "private"),
         ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo, client 127.0.0.1 (bits inverted)
+        # Bound to an interface: the scope, not the address, picks where a connect goes.
+        ("2001:4860::1%1", "scoped"),
+        # Special-purpose blocks no table above names (benchmarking, ORCHIDv2): caught by is_global.
+        ("2001:2::1", "non-global"),
+        ("2001:20::1", "non-global"),
     ],
 )
 def test_forbidden_addresses_are_named(address: str, expected: str) -> None:
@@ -185,6 +190,7 @@ def test_host_names_resolving_to_forbidden_addresses_are_refused(answers: list[s
         ("http://images.example.com:22/", "port 22"),
         ("http://images.example.com:25/", "port 25"),
         ("http://images.example.com:0/", "port"),
+        ("http://images.example.com:1023/", "port 1023"),
         ("http://images.example.com /a.jpg", "whitespace"),
         ("http://images.example.com/\r\nX-Injected: 1", "control"),
         ("http:///a.jpg", "host"),
@@ -203,6 +209,7 @@ def test_url_tricks_are_refused(url: str, fragment: str) -> None:
         "https://images.example.com/a.jpg?x=1#frag",
         "https://images.example.com:8443/a.jpg",
         "http://images.example.com:8080/a.jpg",
+        "http://images.example.com:1024/a.jpg",  # the first unprivileged port
     ],
 )
 def test_public_urls_pass_with_their_addresses(url: str) -> None:

@@ -157,11 +157,12 @@ def test_review_event(pg_session_factory, settings):
 
 
 def test_check_flagged_is_recorded_by_the_listings_flag_rule(pg_session_factory):
-    """The outbox sends ``check.flagged`` (here to the callback URL) exactly for the checks listings flag."""
+    """The outbox sends ``check.flagged`` (here to the callback URL) exactly for the checks listings flag;
+    a score equal to the client's threshold counts as reaching it."""
     with session_scope(pg_session_factory) as session:
         for verdict in ("generated", "uncertain", "real"):
             for flag_uncertain in (False, True):
-                for threshold in (None, 0.5, 0.9):
+                for threshold in (None, 0.5, 0.6, 0.9):
                     name = f"c-{verdict}-{flag_uncertain}-{threshold}"
                     check, row = add_checked_image(
                         session,
@@ -183,6 +184,8 @@ def test_check_flagged_is_recorded_by_the_listings_flag_rule(pg_session_factory)
                         .where(Check.id == check.id, queries.flagged_condition())
                     )
                     assert ("check.flagged" in events) == (listed == 1), name
+                    if threshold == 0.6:
+                        assert "check.flagged" in events, name
 
 
 def test_review_check_stores_the_review_and_its_event_together(pg_session_factory, settings):

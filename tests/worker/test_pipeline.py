@@ -219,6 +219,29 @@ def test_an_unreachable_url_is_retried_then_fails(factory, counting, settings):
     assert check.attempts == 2
 
 
+def test_a_fetch_that_succeeds_on_retry_leaves_no_stale_error(factory, counting, settings):
+    """The retry-wait note of the failed attempt goes once the retry gets a verdict."""
+    check_id = submit(factory, source_url="https://images.example/flaky.png")
+    answers: list[FetchError | bytes] = [
+        FetchError("server answered HTTP 503 Service Unavailable", transient=True),
+        photo_bytes("coffee.png", offset=81),
+    ]
+
+    def flaky(url: str, _settings: Any) -> bytes:
+        answer = answers.pop(0)
+        if isinstance(answer, FetchError):
+            raise answer
+        return answer
+
+    process(factory, counting, [check_id], settings, fetcher=flaky, retry_transient=True)
+    error = load(factory, check_id).error
+    assert error is not None and error.startswith(pipeline.RETRY_WAIT_PREFIX)
+
+    process(factory, counting, [check_id], settings, fetcher=flaky, retry_transient=True)
+    check = load(factory, check_id)
+    assert (check.status, check.error, check.attempts) == ("done", None, 2)
+
+
 def test_an_image_url_is_fetched_and_analysed(factory, counting, settings, httpserver: HTTPServer):
     data = photo_bytes("rocket.jpg", offset=30, image_format="JPEG")
     httpserver.expect_request("/upload.jpg").respond_with_data(data, content_type="image/jpeg")
@@ -242,6 +265,10 @@ def test_a_check_that_keeps_dying_is_dead_lettered(factory, counting, settings):
     check = load(factory, check_id)
     assert check.status == "failed"
     assert check.error is not None and "dead-lettered" in check.error and check.attempts == 2
+    # A failure ends the check like a verdict does: the inline bytes are not kept (README: "held only until
+    # the check is processed"), whichever way it failed.
+    with session_scope(factory) as session:
+        assert session.scalar(sa.select(Check.image_data).where(Check.id == check_id)) is None
 
 
 def test_a_dead_lettered_check_keeps_its_last_error(factory, counting, settings):

@@ -18,21 +18,25 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.base import utcnow
 from db.queries import get_or_create_check
-from db.session import session_scope
+from db.session import make_engine, make_session_factory, session_scope
 from db.tables import Check
+from db.webhook_tables import WebhookDelivery
 from tests.images import photo_bytes
 from worker import pipeline
 from worker.reconcile import ids_waiting_in_broker, reconcile_interval_s, reconcile_once
 from worker.settings import Settings
 from worker.tasks import PROCESS_CHECKS_TASK
+from worker.webhook_delivery import DELIVER_WEBHOOK_TASK
+from worker.webhook_endpoints import create_endpoint
+from worker.webhooks import EVENT_FAILED, SecretCipher
 
 
 @pytest.fixture
 def broker(settings: Settings) -> redis.Redis:
     client = redis.Redis.from_url(settings.broker_url)
-    client.delete(settings.queue_name)
+    client.delete(*settings.worker_queues)
     yield client
-    client.delete(settings.queue_name)
+    client.delete(*settings.worker_queues)
     client.close()
 
 
@@ -46,6 +50,16 @@ def queued_ids(client: redis.Redis, queue: str) -> list[list[str]]:
         body = json.loads(base64.b64decode(message["body"]))
         batches.append(body[1]["check_ids"])
     return batches
+
+
+def queued_deliveries(client: redis.Redis, queue: str) -> list[str]:
+    """delivery_id of each deliver_webhook message waiting in ``queue``, oldest first."""
+    ids = []
+    for raw in reversed(client.lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == DELIVER_WEBHOOK_TASK
+        ids.append(json.loads(base64.b64decode(message["body"]))[1]["delivery_id"])
+    return ids
 
 
 def make_check(
@@ -133,6 +147,14 @@ def test_fresh_and_finished_checks_are_left_alone(
 def test_exhausted_checks_are_dead_lettered_not_requeued(
     celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
 ) -> None:
+    with session_scope(pg_session_factory) as session:
+        create_endpoint(
+            session,
+            SecretCipher(settings.require_secret_key()),
+            url="https://hooks.example/synthguard",
+            client="reconcile-test",
+            events=[EVENT_FAILED],
+        )
     poison = make_check(pg_session_factory, status="processing", attempts=settings.max_attempts)
     healthy = make_check(pg_session_factory, status="processing", attempts=settings.max_attempts - 1)
 
@@ -146,6 +168,14 @@ def test_exhausted_checks_are_dead_lettered_not_requeued(
     assert "dead-lettered" in dead.error
     assert str(settings.max_attempts) in dead.error
     assert queued_ids(broker, settings.queue_name) == [[str(healthy)]]
+    # The check.failed notice is sent now, not left for the webhook sweep to find a minute later.
+    with session_scope(pg_session_factory) as session:
+        failed_notice = session.scalars(
+            sa.select(WebhookDelivery.id).where(
+                WebhookDelivery.check_id == poison, WebhookDelivery.event_type == EVENT_FAILED
+            )
+        ).one()
+    assert queued_deliveries(broker, settings.webhook_queue_name) == [str(failed_notice)]
 
 
 @pytest.mark.usefixtures("pg_clean")
@@ -194,6 +224,55 @@ def test_queued_check_still_waiting_in_the_broker_is_not_duplicated(
 
 
 @pytest.mark.usefixtures("pg_clean")
+def test_queued_checks_are_left_alone_while_the_queue_is_too_long_to_inspect(
+    celery_app: Any,
+    pg_session_factory: sessionmaker[Session],
+    settings: Settings,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One waiting message stands for a queue longer than the 2,000 a pass reads: a queued check may be
+    # anywhere in it, and re-sending every one would double the backlog.
+    monkeypatch.setattr("worker.reconcile.BROKER_SCAN_LIMIT", 0)
+    celery_app.send_task(PROCESS_CHECKS_TASK, kwargs={"check_ids": [str(uuid.uuid4())]})
+    assert ids_waiting_in_broker(settings) is None
+    queued = make_check(pg_session_factory, status="queued")
+    orphaned = make_check(pg_session_factory, status="processing", attempts=1)
+
+    result = reconcile_once(celery_app, pg_session_factory, settings, now=later(settings))
+
+    assert result.requeued == [orphaned]  # a claimed check is not waiting in any queue: it is re-sent
+    assert result.left_in_broker == 1
+    assert queued_ids(broker, settings.queue_name)[1:] == [[str(orphaned)]]
+    assert row(pg_session_factory, queued).status == "queued"
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_a_row_locked_by_another_reconciler_is_skipped_not_waited_for(
+    celery_app: Any,
+    pg_url: str,
+    settings: Settings,
+    broker: redis.Redis,
+    pg_session_factory: sessionmaker[Session],
+) -> None:
+    busy = make_check(pg_session_factory, status="processing", attempts=1)
+    free = make_check(pg_session_factory, status="processing", attempts=1)
+    # lock_timeout turns waiting behind the other reconciler's lock (the pass would stall) into an error.
+    impatient = make_engine(pg_url, connect_args={"options": "-c lock_timeout=2000"})
+    try:
+        with impatient.connect() as other, other.begin():
+            other.execute(sa.select(Check.id).where(Check.id == busy).with_for_update())
+            result = reconcile_once(
+                celery_app, make_session_factory(impatient), settings, now=later(settings)
+            )
+    finally:
+        impatient.dispose()
+
+    assert result.requeued == [free]
+    assert queued_ids(broker, settings.queue_name) == [[str(free)]]
+
+
+@pytest.mark.usefixtures("pg_clean")
 def test_a_backlog_waiting_in_the_broker_does_not_hide_orphaned_checks(
     celery_app: Any, pg_session_factory: sessionmaker[Session], settings: Settings, broker: redis.Redis
 ) -> None:
@@ -237,10 +316,11 @@ def test_check_waiting_for_a_fetch_retry_gets_the_backoff_as_grace(
     retrying = make_check(
         pg_session_factory, status="queued", error=f"{pipeline.RETRY_WAIT_PREFIX}: HTTP 503"
     )
+    lost = make_check(pg_session_factory, status="queued")  # no error (NULL): no grace
     grace = settings.reconcile_after_s + settings.retry_backoff_max_s
 
     soon = utcnow() + timedelta(seconds=settings.reconcile_after_s + 0.5 * settings.retry_backoff_max_s)
-    assert reconcile_once(celery_app, pg_session_factory, settings, now=soon).requeued == []
+    assert reconcile_once(celery_app, pg_session_factory, settings, now=soon).requeued == [lost]
 
     late = utcnow() + timedelta(seconds=grace + 1)
     assert reconcile_once(celery_app, pg_session_factory, settings, now=late).requeued == [retrying]

@@ -51,9 +51,16 @@ def test_environment_variables_are_read(monkeypatch):
         ({"secret_key": "short"}, "SYNTHGUARD_SECRET_KEY: is shorter than 16"),
         (
             {"allow_private_hosts": "10.0.0.0/33"},
-            "SYNTHGUARD_ALLOW_PRIVATE_HOSTS: '10.0.0.0/33' is not a valid CIDR",
+            "SYNTHGUARD_ALLOW_PRIVATE_HOSTS: entry 1 is not a valid CIDR",
+        ),
+        (
+            {"allow_private_hosts": "127.0.0.1,a b"},
+            "SYNTHGUARD_ALLOW_PRIVATE_HOSTS: entry 2 is not a host name or IP address",
         ),
         ({"max_pixels": 0}, "SYNTHGUARD_MAX_PIXELS"),
+        ({"fetch_max_bytes": 0}, "SYNTHGUARD_FETCH_MAX_BYTES"),
+        ({"batch_size": 0}, "SYNTHGUARD_BATCH_SIZE"),  # range(0, n, 0) raises deep in the reconciler
+        ({"max_attempts": 0}, "SYNTHGUARD_MAX_ATTEMPTS"),  # would dead-letter every check unprocessed
         ({"device": "tpu"}, "SYNTHGUARD_DEVICE: must be auto"),
         # Durations end up in datetimes and deadlines: an infinite or absurd one must fail here, not there.
         ({"decode_timeout_s": float("inf")}, "SYNTHGUARD_DECODE_TIMEOUT_S"),

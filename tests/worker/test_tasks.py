@@ -18,7 +18,7 @@ from db.tables import Check, Evidence, Verdict
 from tests.images import photo_bytes
 from worker.app import runtime_for
 from worker.requests import InvalidRequestError, parse_check_request
-from worker.tasks import CHECK_IMAGE_TASK, PROCESS_CHECKS_TASK
+from worker.tasks import CHECK_IMAGE_TASK, PROCESS_CHECKS_TASK, retry_countdown
 
 # How long to wait for the worker; a wait bound, not a timing assertion (CPU inference on a shared machine).
 WAIT_S = 180.0
@@ -164,6 +164,35 @@ def test_unreachable_url_is_retried_then_failed(celery_worker, celery_app, pg_se
     assert check.error is not None and check.error.startswith("fetch failed: network error")
     settings = runtime_for(celery_app).settings
     assert check.attempts == settings.fetch_retries + 1
+
+
+def test_an_invalid_duplicate_message_leaves_the_existing_check_alone(
+    celery_worker, celery_app, pg_session_factory, client_name
+):
+    """A producer that resends a key with a broken payload does not fail the check its first message made."""
+    from db.queries import get_or_create_check
+
+    with session_scope(pg_session_factory) as session:
+        check, _ = get_or_create_check(
+            session, client=client_name, external_id="first", image_data=photo_bytes(offset=66)
+        )
+        check_id = check.id
+    send(celery_app, image_b64="!!!", external_id="first", client=client_name)
+    # The solo worker takes messages in order: once this one is stored, the duplicate has been handled.
+    send(celery_app, image_b64="!!!", external_id="marker", client=client_name)
+    assert wait_for_check(pg_session_factory, client_name, "marker").status == "failed"
+    with session_scope(pg_session_factory) as session:
+        first = session.get_one(Check, check_id)
+        # Still queued, or done if the reconciler sent it meanwhile: never failed by the duplicate.
+        assert first.status != "failed" and first.error is None, first.error
+
+
+def test_fetch_retry_backoff_is_capped(settings):
+    """Exponential backoff with full jitter, never past retry_backoff_max_s however many retries before."""
+    capped = settings.model_copy(update={"retry_backoff_max_s": 60})
+    for retries in range(12):
+        ceiling = min(60.0, 2.0 ** (retries + 1))
+        assert ceiling / 2 <= retry_countdown(retries, capped) <= ceiling, retries
 
 
 def test_messages_without_a_key_are_refused_and_the_worker_keeps_serving(

@@ -27,6 +27,7 @@ from worker.webhook_delivery import deliver_now, redeliver
 from worker.webhook_endpoints import (
     create_endpoint,
     reveal_client_secret,
+    rotate_client_secret,
     rotate_endpoint_secret,
 )
 from worker.webhooks import SecretCipher, generate_secret
@@ -229,6 +230,24 @@ def test_callback_url_is_signed_with_the_client_secret(pg_session_factory, fast,
         secret = reveal_client_secret(session, SecretCipher(fast.require_secret_key()), "acme")
     headers, body = script.requests[0]
     assert Webhook(secret).verify(body, headers)["type"] == "check.flagged"
+
+
+def test_client_secret_rotation_signs_callbacks_with_old_and_new_secret(pg_session_factory, fast, receiver):
+    """Receivers of callback URLs switch secrets one at a time: during the overlap both verify."""
+    script = Script((200, {}))
+    receiver.expect_request("/cb").respond_with_handler(script)
+    cipher = SecretCipher(fast.require_secret_key())
+    with session_scope(pg_session_factory) as session:
+        old_secret = reveal_client_secret(session, cipher, "acme")
+        new_secret = rotate_client_secret(session, cipher, "acme", overlap_s=3600)
+    assert new_secret != old_secret
+    _, ids = _flag(pg_session_factory, callback_url=receiver.url_for("/cb"))
+    drive(pg_session_factory, ids[0], fast)
+
+    headers, body = script.requests[0]
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    Webhook(old_secret).verify(body, headers)
+    Webhook(new_secret).verify(body, headers)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,28 @@ pytestmark = pytest.mark.usefixtures("pg_clean")
 WAIT_S = 180.0
 
 
+@pytest.fixture(scope="module")
+def celery_app(settings):
+    """The session's app, except that the webhook sweep waits a day before it sends a delivery itself: a
+    callback can then only come from the task the worker enqueues after committing the outbox row, the path
+    this test is about (with the default grace the sweep would deliver a minute later and hide its loss).
+
+    Overrides conftest's ``celery_app`` for this module, so ``celery_worker`` runs this app.
+    """
+    from worker.app import create_celery_app, runtime_for
+
+    app = create_celery_app(
+        settings.model_copy(
+            update={
+                "webhook_sweep_grace_s": 86400.0,
+                "queue_name": f"synthguard-test-e2e-{uuid.uuid4().hex[:8]}",
+            }
+        )
+    )
+    yield app
+    runtime_for(app).engine.dispose()
+
+
 @pytest.fixture
 def receiver():
     yield from run_receiver()
@@ -62,7 +84,7 @@ def test_flagged_check_calls_back_once_with_a_verifiable_signature(
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline and not script.requests:
         time.sleep(0.2)
-    assert script.requests, f"no callback within {WAIT_S} s"
+    assert script.requests, f"no callback within {WAIT_S} s (the sweep is held off: only the enqueue sends)"
     time.sleep(1.0)  # room for a duplicate to show up, if the outbox wrote one
     assert len(script.requests) == 1
 
