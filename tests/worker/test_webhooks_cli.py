@@ -58,6 +58,18 @@ def _add(cli, url, *extra):
     return endpoint_id, secret
 
 
+def test_adding_a_url_twice_for_a_client_warns_of_double_deliveries(cli):
+    first, _ = _add(cli, "https://hooks.example.com/a", "--events", "check.flagged,check.failed")
+    other_events = cli(
+        "add", "https://hooks.example.com/a", "--client", "acme", "--events", "check.completed"
+    )
+    assert "already sends" not in other_events.stderr  # disjoint events: nothing arrives twice
+    twin = cli("add", "https://hooks.example.com/a", "--client", "acme", "--events", "check.failed")
+    assert f"endpoint {first} already sends check.failed to this URL" in twin.stderr
+    other_client = cli("add", "https://hooks.example.com/a", "--client", "zeta")
+    assert "already sends" not in other_client.stderr
+
+
 def test_add_list_test_rotate_disable(cli, receiver):
     script = Script((200, {}))
     receiver.expect_request("/hook").respond_with_handler(script)
@@ -132,6 +144,9 @@ def test_deliveries_show_and_redeliver(cli, receiver, pg_session_factory, settin
     assert [d["id"] for d in mine] == [str(delivery_id)]
     shown = cli("show", str(delivery_id)).output
     assert "HTTP 500" in shown and '"type": "check.flagged"' in shown
+    as_json = json.loads(cli("show", str(delivery_id), "--format", "json").output)
+    assert as_json["id"] == str(delivery_id) and as_json["payload"]["type"] == "check.flagged"
+    assert [(a["n"], a["status"]) for a in as_json["attempts"]] == [(1, 500)]
 
     # Through the broker: the task message lands on the configured queue.
     out = cli("redeliver", "--failed-since", "1h").output

@@ -226,6 +226,25 @@ def add_cmd(url: str, client_name: str, events: tuple[str, ...], description: st
         except EndpointError as exc:
             raise click.ClickException(str(exc)) from None
         endpoint_id, subscribed = endpoint.id, list(endpoint.events)
+        twins = [
+            (other.id, sorted(set(other.events or []) & set(subscribed)))
+            for other in session.scalars(
+                sa.select(WebhookEndpoint).where(
+                    WebhookEndpoint.client == client_name,
+                    WebhookEndpoint.url == endpoint.url,
+                    WebhookEndpoint.enabled.is_(True),
+                    WebhookEndpoint.id != endpoint_id,
+                )
+            )
+        ]
+    for other_id, shared in twins:
+        if shared:  # legitimate with disjoint events; with shared ones every such event arrives twice
+            click.echo(
+                f"warning: endpoint {other_id} already sends {', '.join(shared)} to this URL for "
+                f"{client_name}; each will arrive twice "
+                f"(`synthguard webhooks disable {other_id}` if this one replaces it)",
+                err=True,
+            )
     _warn_if_refused(url, settings)
     click.echo(f"endpoint: {endpoint_id}")
     click.echo(f"events:   {', '.join(subscribed)}")
@@ -356,7 +375,8 @@ def deliveries_cmd(
 
 @webhooks.command("show")
 @click.argument("delivery_id")
-def show_cmd(delivery_id: str) -> None:
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def show_cmd(delivery_id: str, fmt: str) -> None:
     """One delivery: every attempt (time, status, latency, error, response excerpt) and the payload."""
     settings = _settings()
     with _database(settings) as factory, session_scope(factory) as session:
@@ -364,7 +384,7 @@ def show_cmd(delivery_id: str) -> None:
         if delivery is None:
             raise click.ClickException(f"no delivery {delivery_id}")
         row = _delivery_row(delivery)
-        attempts = [
+        attempts: list[dict[str, Any]] = [
             {
                 "n": attempt.attempt_number,
                 "at": _iso(attempt.attempted_at),
@@ -372,11 +392,16 @@ def show_cmd(delivery_id: str) -> None:
                 "status": attempt.status_code,
                 "latency_ms": attempt.latency_ms,
                 "error": attempt.error,
-                "response": (attempt.response_excerpt or "")[:60].replace("\n", " "),
+                "response": attempt.response_excerpt or "",
             }
             for attempt in delivery.attempts
         ]
         payload = delivery.payload
+    if fmt == "json":
+        click.echo(json.dumps({**row, "attempts": attempts, "payload": json.loads(payload)}, indent=2))
+        return
+    for attempt in attempts:
+        attempt["response"] = str(attempt["response"])[:60].replace("\n", " ")
     width = max(len(key) for key in row)
     for key, value in row.items():
         click.echo(f"{key.ljust(width)}  {'' if value is None else value}")
