@@ -19,7 +19,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from models._config import SYNTHGUARD_V1, DetectorCfg
-from models._registry import REGISTRY, DetectorRegistry, UnknownDetectorError, register_detector
+from models._registry import REGISTRY as _REGISTRY
+from models._registry import DetectorRegistry, UnknownDetectorError, register_detector
 from models._types import Detection, ImageInput
 from models.errors import DetectorError, ImageTooSmallError, UnsupportedImageError
 
@@ -51,11 +52,14 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _DETECTOR_NAMES:
         return getattr(_detector_module(), name)
+    if name == "REGISTRY":  # the registry with the shipped detectors in it, as before the lazy import
+        _detector_module()
+        return _REGISTRY
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _DETECTOR_NAMES)
+    return sorted(set(globals()) | _DETECTOR_NAMES | {"REGISTRY"})
 
 
 def _detector_module() -> ModuleType:
@@ -75,10 +79,10 @@ def create_detector(name: str = "synthguard-v1", device: str | None = None) -> D
         WeightsError: the weights file is missing or does not match its pinned sha256.
     """
     _detector_module()
-    return REGISTRY.create(name, device=device)
+    return _REGISTRY.create(name, device=device)
 
 
 def list_detectors() -> list[str]:
     """Names accepted by `create_detector` (imports torch: the shipped detectors register on import)."""
     _detector_module()
-    return REGISTRY.names()
+    return _REGISTRY.names()
