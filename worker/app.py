@@ -198,6 +198,32 @@ def install_on_synthguard_workers(step: type[TimerStep]) -> None:
     worker_init.connect(add_step, weak=False, dispatch_uid=uid)
 
 
+def _consume_webhook_queue(sender: Any = None, **_: Any) -> None:
+    """A worker that takes checks also takes their webhook tasks, whatever its ``-Q`` says.
+
+    Before webhooks had a queue of their own, ``-Q <queue name>`` was a complete worker; started that way now,
+    it would process checks while their deliveries (and the sweep that re-sends lost ones) piled up unseen
+    in ``<queue name>.webhooks``. A worker given only the webhook queue (dedicated senders) is left as it is.
+    """
+    app = getattr(sender, "app", None)
+    if app is None or app not in _RUNTIMES:
+        return
+    settings = _RUNTIMES[app].settings
+    queues = app.amqp.queues
+    consumed = {queue.name for queue in queues.consume_from.values()} if queues.consume_from else None
+    if consumed is None or settings.webhook_queue_name in consumed or settings.queue_name not in consumed:
+        return  # every declared queue (no -Q), both named, or not a checks worker
+    queues.select_add(settings.webhook_queue_name)
+    log.warning(
+        "also consuming %s: the webhook tasks of the checks this worker processes go there "
+        "(name both queues in -Q, or use `synthguard worker`)",
+        settings.webhook_queue_name,
+    )
+
+
+worker_init.connect(_consume_webhook_queue, weak=False, dispatch_uid="synthguard-consume-webhook-queue")
+
+
 def _share_cpu_threads(processes: int) -> None:
     """Give each worker child its share of the CPU cores for torch's intra-op threads.
 

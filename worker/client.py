@@ -29,6 +29,7 @@ from worker.requests import (
 
 DEFAULT_QUEUE: Final = "synthguard"
 QUEUE_ENV: Final = "SYNTHGUARD_QUEUE_NAME"
+CELERY_DEFAULT_QUEUE: Final = "celery"
 
 
 def build_check_payload(
@@ -97,12 +98,16 @@ def submit_check(
     """Validate and send one check; returns the Celery task id. ``producer``: a Celery app or a broker URL.
 
     ``queue``: the workers' queue; by default ``SYNTHGUARD_QUEUE_NAME`` from the environment, as the workers
-    read it, else ``synthguard`` (a message sent to a queue no worker consumes waits there unseen).
+    read it, else the default queue configured on ``producer`` when it is an app (a synthguard app's), else
+    ``synthguard`` (a message sent to a queue no worker consumes waits there unseen).
     The check's result lands in the database (and in webhooks); the task id only identifies the message.
     Fields are those of :func:`build_check_payload`, which raises ValueError before anything is sent.
     """
     payload = build_check_payload(**fields)
-    queue = queue or os.environ.get(QUEUE_ENV) or DEFAULT_QUEUE
+    configured = producer.conf.task_default_queue if isinstance(producer, Celery) else None
+    if configured == CELERY_DEFAULT_QUEUE:  # an app nobody pointed at synthguard's queue
+        configured = None
+    queue = queue or os.environ.get(QUEUE_ENV) or configured or DEFAULT_QUEUE
     if isinstance(producer, Celery):
         return str(producer.send_task(CHECK_IMAGE_TASK, kwargs=payload, queue=queue).id)
     with Celery("synthguard-producer", broker=producer, set_as_current=False) as app:

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 ENV_PREFIX: Final = "SYNTHGUARD_"
+WEBHOOK_QUEUE_SUFFIX: Final = ".webhooks"
 MIB: Final = 1024 * 1024
 
 _DATABASE_BACKENDS: Final = ("sqlite", "postgresql")
@@ -109,7 +110,7 @@ class Settings(BaseSettings):
         would wait behind every upload queued before it (a backlog of hours); Celery's Redis consumer takes
         from its queues in turn, so a delivery waits for at most the batch in progress.
         """
-        return f"{self.queue_name}.webhooks"
+        return f"{self.queue_name}{WEBHOOK_QUEUE_SUFFIX}"
 
     @property
     def worker_queues(self) -> tuple[str, str]:
@@ -121,7 +122,7 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str) -> str:
         try:
             url = make_url(value)
-        except ArgumentError:
+        except (ArgumentError, ValueError):  # ValueError: a port that is not a number, e.g. a password's tail
             raise ValueError(
                 "not a database URL (expected sqlite:///path or postgresql+psycopg://...)"
             ) from None
@@ -130,6 +131,15 @@ class Settings(BaseSettings):
             return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         if url.get_backend_name() not in _DATABASE_BACKENDS:
             raise ValueError(f"unsupported database {url.get_backend_name()!r} (use sqlite or postgresql)")
+        return value
+
+    @field_validator("queue_name")
+    @classmethod
+    def _check_queue_name(cls, value: str) -> str:
+        # "<name>.webhooks" is a deployment's webhook queue: a deployment whose own queue had that name would
+        # take another one's deliveries as checks (and the other's workers its checks as deliveries).
+        if value.endswith(WEBHOOK_QUEUE_SUFFIX):
+            raise ValueError(f"names ending in {WEBHOOK_QUEUE_SUFFIX!r} are reserved for webhook queues")
         return value
 
     @field_validator("broker_url")
@@ -144,7 +154,8 @@ class Settings(BaseSettings):
             urlsplit(value).port  # noqa: B018 - parsing is the check
         except ValueError:
             raise ValueError(
-                "the broker URL's port is not a number (percent-encode '/', '#', '?' or '@' in a password)"
+                "the broker URL's host or port does not parse "
+                "(percent-encode '/', '#', '?' or '@' in a password)"
             ) from None
         return value
 

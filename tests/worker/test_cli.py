@@ -130,6 +130,8 @@ def test_listings_say_when_they_stop_at_the_limit(tmp_path):
         ("SYNTHGUARD_BROKER_URL", "redis://:hunter/2@localhost:6379/0"),
         ("SYNTHGUARD_BROKER_URL", "redis://localhost:63x79/0"),
         ("SYNTHGUARD_ALLOW_PRIVATE_HOSTS", "10.0.0.0/8,hunter2 secret"),
+        # Unescaped ':' and '@' in a password: SQLAlchemy's port parser repeated "hunter2Secret@db.internal".
+        ("SYNTHGUARD_DATABASE_URL", "postgresql+psycopg://synth:pa@ss:hunter2Secret@db.internal/synth"),
     ],
 )
 def test_settings_errors_are_one_line_that_never_echoes_the_value(tmp_path, variable, value):
@@ -149,6 +151,17 @@ def test_listings_refuse_an_unmigrated_database_with_one_line(tmp_path):
         assert f"no database at {missing}" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert not missing.exists()  # a read never leaves an empty database behind
+
+    env = {"SYNTHGUARD_DATABASE_URL": f"sqlite:///{missing}"}
+    for command in (["webhooks", "list"], ["webhooks", "deliveries"]):
+        result = run(*command, env=env)
+        assert result.exit_code == 1 and f"no database at {missing}" in result.stderr
+        assert not missing.exists()
+
+    # SQLite's URI form (a read-only view of a live database) names a file that exists.
+    assert run("db", "upgrade", "--db", str(tmp_path / "live.db")).exit_code == 0
+    read_only = run("checks", "--db", f"sqlite:///file:{tmp_path / 'live.db'}?mode=ro&uri=true")
+    assert read_only.exit_code == 0 and read_only.stdout.strip() == "(none)"
 
     (tmp_path / "empty.db").touch()
     result = run("checks", "--db", str(tmp_path / "empty.db"))

@@ -100,6 +100,22 @@ def test_submit_check_refuses_before_sending(redis_url, bad_field, field_name):
         broker.close()
 
 
+def test_submit_check_through_a_synthguard_app_uses_its_queue(redis_url, settings, monkeypatch):
+    from worker.app import create_celery_app, runtime_for
+
+    monkeypatch.delenv("SYNTHGUARD_QUEUE_NAME", raising=False)
+    queue = f"synthguard-client-app-{uuid.uuid4().hex[:8]}"
+    app = create_celery_app(settings.model_copy(update={"queue_name": queue}))
+    broker = redis.Redis.from_url(redis_url)
+    try:
+        client.submit_check(app, **VALID_FIELDS)
+        assert broker.llen(queue) == 1
+    finally:
+        broker.delete(queue)
+        broker.close()
+        runtime_for(app).engine.dispose()
+
+
 def test_submit_check_sends_to_the_queue_the_workers_read(redis_url, monkeypatch):
     """An operator who renamed the queue gets the helper's messages where the workers consume them."""
     queue = f"synthguard-client-env-{uuid.uuid4().hex[:8]}"

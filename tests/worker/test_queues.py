@@ -101,3 +101,42 @@ def test_a_delivery_is_sent_before_the_backlog_queued_ahead_of_it(
         assert sum(finished_at < sent_at for finished_at in finished) <= 1
     finally:
         runtime_for(app).engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "only_checks_queue",
+    [
+        pytest.param(False, id="no -Q: the declared task_queues"),
+        pytest.param(True, id="-Q <queue name>: how workers were started before webhooks had a queue"),
+    ],
+)
+def test_a_worker_started_without_naming_the_webhook_queue_still_delivers(
+    pg_session_factory, settings, receiver, only_checks_queue
+):
+    from worker.app import create_celery_app, runtime_for
+    from worker.tasks import enqueue_deliveries
+
+    queue_settings = fast_settings(
+        settings,
+        queue_name=f"synthguard-test-queues-{uuid.uuid4().hex[:8]}",
+        webhook_sweep_interval_s=3600.0,
+        webhook_sweep_grace_s=3600.0,
+    )
+    app = create_celery_app(queue_settings)
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    try:
+        with session_scope(pg_session_factory) as session:
+            cipher = SecretCipher(settings.require_secret_key())
+            create_endpoint(session, cipher, url=receiver.url_for("/hook"), client="acme")
+            check, verdict = add_checked_image(session)
+            (delivery_id,) = outbox.record_check_events(session, check, verdict)
+        enqueue_deliveries(app, [delivery_id])
+        queues = [queue_settings.queue_name] if only_checks_queue else None
+        with in_process_worker(app, pool="solo", concurrency=1, queues=queues):
+            deadline = time.monotonic() + WAIT_S
+            while not script.requests and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert len(script.requests) == 1
+    finally:
+        runtime_for(app).engine.dispose()

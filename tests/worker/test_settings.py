@@ -70,6 +70,7 @@ def test_environment_variables_are_read(monkeypatch):
         ({"webhook_retry_delays_s": "0,1e12"}, "SYNTHGUARD_WEBHOOK_RETRY_DELAYS_S"),
         ({"queue_name": ""}, "SYNTHGUARD_QUEUE_NAME"),
         ({"queue_name": "has space"}, "SYNTHGUARD_QUEUE_NAME"),
+        ({"queue_name": "other.webhooks"}, "SYNTHGUARD_QUEUE_NAME"),  # another deployment's webhook queue
     ],
 )
 def test_invalid_settings_give_one_line_naming_the_variable(overrides, expected):

@@ -28,7 +28,7 @@ DEFAULT_POLICY: Final[tuple[float | None, bool]] = (None, False)
 
 
 def _client_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    """The bounds the task payload puts on ``client`` (worker/tasks.py), so a policy can name any client."""
+    """The bounds a check_image message puts on ``client`` (worker/requests.py), for any client's policy."""
     if not value.strip():
         raise click.BadParameter("must not be empty")
     if len(value) > CLIENT_MAX_LEN:

@@ -91,18 +91,31 @@ def _db_reason(exc: sqlalchemy.exc.DatabaseError) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def refuse_missing_sqlite_file(database_url: str) -> None:
+    """Stop a command that expects a database when the SQLite file it names does not exist.
+
+    Opening it would create an empty file, and the next message would ask for a migration of the wrong
+    database: a path that does not exist is a typo or a missing ``--db``.
+    """
+    url = sa.engine.make_url(database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    name = url.database
+    if str(url.query.get("uri", "")).lower() in ("true", "1"):  # sqlite:///file:/path?mode=ro&uri=true
+        if not name.startswith("file:"):
+            return
+        name = name.removeprefix("file:")
+    if not Path(name).exists():
+        raise click.ClickException(
+            f"no database at {name} (set SYNTHGUARD_DATABASE_URL, or --db where a command takes it; "
+            "`synthguard db upgrade` or `synthguard scan` creates one)"
+        )
+
+
 def open_database(settings: Settings, *, migrate: bool) -> sessionmaker[Session]:
     """A session factory for the configured database, migrated to head if ``migrate`` (else checked)."""
-    url = sa.engine.make_url(settings.database_url)
-    if not migrate and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        # Opening would create an empty file, and the next message would ask for a migration of the wrong
-        # database; a listing pointed at a path that does not exist is a typo or a missing --db.
-        path = Path(url.database)
-        if not path.exists():
-            raise click.ClickException(
-                f"no database at {path} (pass --db, or set SYNTHGUARD_DATABASE_URL, to read another; "
-                "`synthguard scan` or `synthguard db upgrade` creates one)"
-            )
+    if not migrate:
+        refuse_missing_sqlite_file(settings.database_url)
     engine = make_engine(settings.database_url)
     context = click.get_current_context(silent=True)
     if context is not None:

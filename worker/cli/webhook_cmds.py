@@ -23,7 +23,7 @@ from db.migrate import is_up_to_date
 from db.session import make_engine, make_session_factory, session_scope
 from db.webhook_tables import WebhookDelivery, WebhookEndpoint
 from worker import netguard
-from worker.cli.pipeline_cmds import note_if_truncated
+from worker.cli.pipeline_cmds import note_if_truncated, refuse_missing_sqlite_file
 from worker.settings import Settings, SettingsError, load_settings
 from worker.webhook_delivery import (
     DELIVER_WEBHOOK_TASK,
@@ -68,6 +68,7 @@ def _cipher(settings: Settings) -> SecretCipher:
 
 @contextmanager
 def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    refuse_missing_sqlite_file(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         if not is_up_to_date(engine):
