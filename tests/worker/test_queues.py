@@ -43,64 +43,74 @@ def _png_b64(seed: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def test_a_delivery_is_sent_before_the_backlog_queued_ahead_of_it(
-    pg_session_factory, settings, detector, receiver
-):
+@pytest.fixture
+def queue_app(settings):
+    """An app on queues of its own; a sweep that never runs, so a delivery travels only as its own message."""
     from worker.app import create_celery_app, runtime_for
-    from worker.tasks import enqueue_deliveries
 
-    # Long sweep intervals: the delivery must travel as its own task message, not be picked up by a sweep.
-    queue_settings = fast_settings(
-        settings,
-        queue_name=f"synthguard-test-queues-{uuid.uuid4().hex[:8]}",
-        webhook_sweep_interval_s=3600.0,
-        webhook_sweep_grace_s=3600.0,
+    app = create_celery_app(
+        fast_settings(
+            settings,
+            queue_name=f"synthguard-test-queues-{uuid.uuid4().hex[:8]}",
+            webhook_sweep_interval_s=3600.0,
+            webhook_sweep_grace_s=3600.0,
+        )
     )
-    app = create_celery_app(queue_settings)
-    runtime_for(app).set_detector(detector)
+    yield app
+    runtime_for(app).engine.dispose()
+
+
+@pytest.fixture
+def delivery(pg_session_factory, settings, receiver) -> tuple[uuid.UUID, Script]:
+    """A committed check.flagged delivery to the receiver, not yet enqueued, and the receiver's script."""
     script = Script((200, {}))
     receiver.expect_request("/hook").respond_with_handler(script)
-    try:
-        # The backlog first, then the delivery: all waiting before any worker runs.
-        for n in range(BACKLOG):
-            app.send_task(
-                "synthguard.check_image",
-                kwargs={"image_b64": _png_b64(n), "external_id": f"backlog-{n}", "client": "backlog"},
-            )
-        with session_scope(pg_session_factory) as session:
-            create_endpoint(
-                session,
-                SecretCipher(settings.require_secret_key()),
-                url=receiver.url_for("/hook"),
-                client="acme",
-            )
-            check, verdict = add_checked_image(session)
-            (delivery_id,) = outbox.record_check_events(session, check, verdict)
-        enqueue_deliveries(app, [delivery_id])
+    with session_scope(pg_session_factory) as session:
+        cipher = SecretCipher(settings.require_secret_key())
+        create_endpoint(session, cipher, url=receiver.url_for("/hook"), client="acme")
+        check, verdict = add_checked_image(session)
+        (delivery_id,) = outbox.record_check_events(session, check, verdict)
+    return delivery_id, script
 
-        # One task at a time, in the order the worker takes them from its queues.
-        with in_process_worker(app, pool="solo", concurrency=1, queues=list(queue_settings.worker_queues)):
-            deadline = time.monotonic() + WAIT_S
-            while time.monotonic() < deadline:
-                with session_scope(pg_session_factory) as session:
-                    finished = session.scalars(
-                        sa.select(Check.finished_at).where(
-                            Check.client == "backlog", Check.finished_at.is_not(None)
-                        )
-                    ).all()
-                if len(finished) == BACKLOG:
-                    break
-                time.sleep(0.2)
-        assert len(finished) == BACKLOG, f"backlog not processed within {WAIT_S} s"
-        with session_scope(pg_session_factory) as session:
-            (sent_at,) = session.scalars(
-                sa.select(WebhookAttempt.attempted_at).where(WebhookAttempt.delivery_id == delivery_id)
-            ).all()
-        assert len(script.requests) == 1
-        # In one FIFO queue all six checks would finish first; taking the queues in turn, at most one does.
-        assert sum(finished_at < sent_at for finished_at in finished) <= 1
-    finally:
-        runtime_for(app).engine.dispose()
+
+def test_a_delivery_is_sent_before_the_backlog_queued_ahead_of_it(
+    pg_session_factory, detector, queue_app, delivery
+):
+    from worker.app import runtime_for
+    from worker.tasks import enqueue_deliveries
+
+    runtime_for(queue_app).set_detector(detector)
+    queue_settings = runtime_for(queue_app).settings
+    delivery_id, script = delivery
+    # The backlog first, then the delivery: all waiting before any worker runs.
+    for n in range(BACKLOG):
+        queue_app.send_task(
+            "synthguard.check_image",
+            kwargs={"image_b64": _png_b64(n), "external_id": f"backlog-{n}", "client": "backlog"},
+        )
+    enqueue_deliveries(queue_app, [delivery_id])
+
+    # One task at a time, in the order the worker takes them from its queues.
+    with in_process_worker(queue_app, pool="solo", concurrency=1, queues=list(queue_settings.worker_queues)):
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            with session_scope(pg_session_factory) as session:
+                finished = session.scalars(
+                    sa.select(Check.finished_at).where(
+                        Check.client == "backlog", Check.finished_at.is_not(None)
+                    )
+                ).all()
+            if len(finished) == BACKLOG:
+                break
+            time.sleep(0.2)
+    assert len(finished) == BACKLOG, f"backlog not processed within {WAIT_S} s"
+    with session_scope(pg_session_factory) as session:
+        (sent_at,) = session.scalars(
+            sa.select(WebhookAttempt.attempted_at).where(WebhookAttempt.delivery_id == delivery_id)
+        ).all()
+    assert len(script.requests) == 1
+    # In one FIFO queue all six checks would finish first; taking the queues in turn, at most one does.
+    assert sum(finished_at < sent_at for finished_at in finished) <= 1
 
 
 @pytest.mark.parametrize(
@@ -111,32 +121,16 @@ def test_a_delivery_is_sent_before_the_backlog_queued_ahead_of_it(
     ],
 )
 def test_a_worker_started_without_naming_the_webhook_queue_still_delivers(
-    pg_session_factory, settings, receiver, only_checks_queue
+    queue_app, delivery, only_checks_queue
 ):
-    from worker.app import create_celery_app, runtime_for
+    from worker.app import runtime_for
     from worker.tasks import enqueue_deliveries
 
-    queue_settings = fast_settings(
-        settings,
-        queue_name=f"synthguard-test-queues-{uuid.uuid4().hex[:8]}",
-        webhook_sweep_interval_s=3600.0,
-        webhook_sweep_grace_s=3600.0,
-    )
-    app = create_celery_app(queue_settings)
-    script = Script((200, {}))
-    receiver.expect_request("/hook").respond_with_handler(script)
-    try:
-        with session_scope(pg_session_factory) as session:
-            cipher = SecretCipher(settings.require_secret_key())
-            create_endpoint(session, cipher, url=receiver.url_for("/hook"), client="acme")
-            check, verdict = add_checked_image(session)
-            (delivery_id,) = outbox.record_check_events(session, check, verdict)
-        enqueue_deliveries(app, [delivery_id])
-        queues = [queue_settings.queue_name] if only_checks_queue else None
-        with in_process_worker(app, pool="solo", concurrency=1, queues=queues):
-            deadline = time.monotonic() + WAIT_S
-            while not script.requests and time.monotonic() < deadline:
-                time.sleep(0.1)
-        assert len(script.requests) == 1
-    finally:
-        runtime_for(app).engine.dispose()
+    delivery_id, script = delivery
+    enqueue_deliveries(queue_app, [delivery_id])
+    queues = [runtime_for(queue_app).settings.queue_name] if only_checks_queue else None
+    with in_process_worker(queue_app, pool="solo", concurrency=1, queues=queues):
+        deadline = time.monotonic() + WAIT_S
+        while not script.requests and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(script.requests) == 1
