@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import string
 from functools import cached_property
 from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
@@ -29,6 +30,10 @@ _PLACEHOLDER_SECRETS: Final = frozenset(
     {"changeme", "change-me", "changethis", "secret", "password", "synthguard"}
 )
 SECRET_KEY_MIN_LEN: Final = 16
+# "aaaaaaaaaaaaaaaa" or "changemechangeme" are 16 characters long but guessable: a key has at least this many
+# different characters (`openssl rand -hex 32` gives 64 characters from 16).
+SECRET_KEY_MIN_DISTINCT: Final = 8
+_GENERATE_KEY_HINT: Final = "generate one with `openssl rand -hex 32`"
 #: The longest duration any setting accepts: every duration ends up in a datetime or a deadline, and one past
 #: year 9999 (or infinite) would fail there, at run time, instead of here.
 MAX_DURATION_S: Final = 365 * 86400
@@ -179,10 +184,24 @@ class Settings(BaseSettings):
         if value is None or not value.get_secret_value():
             return None
         secret = value.get_secret_value()
-        if secret.lower() in _PLACEHOLDER_SECRETS:
-            raise ValueError("is a placeholder value; generate one with `openssl rand -hex 32`")
+        if not secret.strip():
+            raise ValueError(f"is only whitespace; {_GENERATE_KEY_HINT}")
+        if secret != secret.strip():
+            # A process that kept a secret file's newline (Kubernetes, Docker) and one that did not
+            # (`$(cat file)`) hold different keys and cannot decrypt each other's secrets. Refused rather
+            # than stripped: stripping would silently change the key where secrets were stored under it.
+            raise ValueError(
+                "has leading or trailing whitespace (the newline of a secret file?); remove it "
+                "(every process must use the same key)"
+            )
+        if _is_placeholder(secret):
+            raise ValueError(f"is a placeholder value; {_GENERATE_KEY_HINT}")
         if len(secret) < SECRET_KEY_MIN_LEN:
             raise ValueError(f"is shorter than {SECRET_KEY_MIN_LEN} characters")
+        if len(set(secret)) < SECRET_KEY_MIN_DISTINCT:
+            raise ValueError(
+                f"has fewer than {SECRET_KEY_MIN_DISTINCT} different characters; {_GENERATE_KEY_HINT}"
+            )
         return value
 
     @field_validator("webhook_retry_delays_s", mode="before")
@@ -228,6 +247,11 @@ class Settings(BaseSettings):
                 "(generate one with `openssl rand -hex 32`)"
             )
         return self.secret_key.get_secret_value()
+
+
+def _is_placeholder(secret: str) -> bool:
+    """A placeholder word, alone or padded with digits and punctuation to the length ("password12345678")."""
+    return secret.lower().strip(string.digits + string.punctuation) in _PLACEHOLDER_SECRETS
 
 
 def _split_hosts(value: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -171,6 +172,52 @@ def test_listings_refuse_an_unmigrated_database_with_one_line(tmp_path):
     upgraded = run("db", "upgrade", "--db", str(tmp_path / "empty.db"))
     assert upgraded.exit_code == 0 and "current schema" in upgraded.stdout
     assert run("checks", "--db", str(tmp_path / "empty.db")).stdout.strip() == "(none)"
+
+
+# OSC sequences: click.echo strips CSI ones ("\x1b[2J") from output that is not a terminal, but not these.
+HOSTILE_EXTERNAL_ID = "up-1\x1b]0;pwned\x07"  # retitles the operator's terminal window
+HOSTILE_CLIENT = "acme\x1b]52;c;cm0gLXJmIH4K\x07"  # writes "rm -rf ~" to the clipboard (OSC 52)
+
+
+def test_tables_escape_control_characters_from_tenants_and_json_keeps_them(tmp_path):
+    """External ids and client names are chosen by tenants; printed raw, their escape sequences act on the
+    operator's terminal. Tables show them escaped; JSON (escaped by json.dumps) keeps the exact text."""
+    from db.session import make_session_factory, session_scope
+    from tests.worker.webhook_helpers import add_checked_image
+
+    db_path = str(tmp_path / "hostile.db")
+    assert run("db", "upgrade", "--db", db_path).exit_code == 0
+    engine = make_engine(f"sqlite:///{db_path}")
+    with session_scope(make_session_factory(engine)) as session:
+        check, _ = add_checked_image(session, client=HOSTILE_CLIENT)
+        check.external_id = HOSTILE_EXTERNAL_ID
+        check_id = str(check.id)
+    engine.dispose()
+    note = "looks fine\x1b]0;approved\x07"
+    reviewed = run(
+        "review", check_id, "--verdict", "real", "--reviewer", "alice", "--note", note, "--db", db_path
+    )
+    assert reviewed.exit_code == 0, reviewed.output
+
+    for command in (["checks"], ["verdicts"], ["show", check_id], ["review", check_id, "--verdict", "real",
+                    "--reviewer", "alice"], ["clients", "list"]):  # fmt: skip
+        table = run(*command, "--db", db_path)
+        assert table.exit_code == 0, table.output
+        assert "\x1b" not in table.output and "\x07" not in table.output, command
+        assert "\\x1b]" in table.stdout, command  # shown, escaped, rather than dropped
+    shown = run("show", check_id, "--db", db_path).stdout
+    assert "up-1\\x1b]0;pwned\\x07" in shown and "looks fine\\x1b]0;approved\\x07" in shown
+
+    (listed,) = json.loads(run("checks", "--db", db_path, "--format", "json").stdout)
+    assert (listed["external_id"], listed["client"]) == (HOSTILE_EXTERNAL_ID, HOSTILE_CLIENT)
+    (verdict,) = json.loads(run("verdicts", "--db", db_path, "--format", "json").stdout)
+    assert verdict["external_id"] == HOSTILE_EXTERNAL_ID
+    details = json.loads(run("show", check_id, "--db", db_path, "--format", "json").stdout)
+    assert details["external_id"] == HOSTILE_EXTERNAL_ID and details["reviews"][0]["note"] == note
+    assert [
+        row["client"]
+        for row in json.loads(run("clients", "list", "--db", db_path, "--format", "json").stdout)
+    ] == [HOSTILE_CLIENT]
 
 
 def test_show_rejects_unknown_ids(tmp_path):
@@ -389,6 +436,50 @@ def test_worker_command_refuses_a_detector_it_cannot_load(settings, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "cannot load detector no-such-detector" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _run_worker(env: dict[str, str]) -> Result:
+    """`synthguard worker` in this process, with a detector that does not exist: every start stops at the
+    detector check at the latest, so none of these tests starts a worker."""
+    return run("worker", env={**env, "SYNTHGUARD_MODEL_NAME": "no-such-detector"})
+
+
+@pytest.mark.usefixtures("pg_clean")
+@pytest.mark.parametrize("stored", ["endpoint", "client secret"])
+def test_worker_refuses_a_key_that_does_not_decrypt_the_stored_secrets(settings, stored):
+    """With another key a worker would start "ready" and fail every delivery it takes, for good."""
+    right = _worker_env(settings, "unused")
+    wrong_key = secrets.token_hex(32)
+    wrong = {**right, "SYNTHGUARD_SECRET_KEY": wrong_key}
+    passed_key_check = "checking detector no-such-detector"
+
+    empty = _run_worker(wrong)  # nothing stored yet: there is nothing a key could fail to decrypt
+    assert empty.exit_code == 1 and passed_key_check in empty.stderr, empty.output
+
+    if stored == "endpoint":
+        made = run("webhooks", "add", "https://hooks.example.com/in", "--client", "acme", env=right)
+    else:  # created on first use; signs callback_url deliveries
+        made = run("webhooks", "client-secret", "acme", env=right)
+    assert made.exit_code == 0, made.output
+
+    refused = _run_worker(wrong)
+    assert refused.exit_code == 1
+    assert refused.stderr.strip().splitlines() == [
+        "Error: SYNTHGUARD_SECRET_KEY does not decrypt the stored webhook secrets; set the key they were "
+        "stored with (every worker and `synthguard webhooks` command needs the same one)"
+    ]
+    assert wrong_key not in refused.output and settings.require_secret_key() not in refused.output
+
+    # The right key with a secret file's newline: refused by the settings, before the database is read.
+    newline = _run_worker({**right, "SYNTHGUARD_SECRET_KEY": settings.require_secret_key() + "\n"})
+    assert newline.exit_code == 1
+    assert newline.stderr.strip().splitlines() == [
+        "Error: invalid settings: SYNTHGUARD_SECRET_KEY: has leading or trailing whitespace "
+        "(the newline of a secret file?); remove it (every process must use the same key)"
+    ]
+
+    started = _run_worker(right)
+    assert passed_key_check in started.stderr and "does not decrypt" not in started.stderr, started.output
 
 
 def test_review_overrides_the_model_verdict(tmp_path, images):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 
@@ -49,6 +50,12 @@ def test_environment_variables_are_read(monkeypatch):
         ({"broker_url": "localhost:6379"}, "SYNTHGUARD_BROKER_URL: not a broker URL"),
         ({"secret_key": "changeme"}, "SYNTHGUARD_SECRET_KEY: is a placeholder"),
         ({"secret_key": "short"}, "SYNTHGUARD_SECRET_KEY: is shorter than 16"),
+        # Weak keys of the required length: a database dump makes each guess checkable offline.
+        ({"secret_key": " " * 16}, "SYNTHGUARD_SECRET_KEY: is only whitespace"),
+        ({"secret_key": "a" * 16}, "SYNTHGUARD_SECRET_KEY: has fewer than 8 different characters"),
+        ({"secret_key": "changemechangeme"}, "SYNTHGUARD_SECRET_KEY: has fewer than 8 different characters"),
+        ({"secret_key": "password12345678"}, "SYNTHGUARD_SECRET_KEY: is a placeholder"),
+        ({"secret_key": "Synthguard-2026!"}, "SYNTHGUARD_SECRET_KEY: is a placeholder"),
         (
             {"allow_private_hosts": "10.0.0.0/33"},
             "SYNTHGUARD_ALLOW_PRIVATE_HOSTS: entry 1 is not a valid CIDR",
@@ -82,6 +89,35 @@ def test_invalid_settings_give_one_line_naming_the_variable(overrides, expected)
     assert "hunter2" not in message  # values (which may hold passwords) are never echoed
 
 
+@pytest.mark.parametrize("padded", ["{key}\n", "{key}\r\n", " {key}", "{key}\t"])
+def test_a_secret_key_with_surrounding_whitespace_is_refused_without_echoing_it(monkeypatch, padded):
+    """A key read from a Kubernetes/Docker secret file keeps its newline; `$(cat file)` strips it. The two
+    are different keys: a worker holding one fails every delivery signed with a secret the CLI stored."""
+    key = "hunter2" + secrets.token_hex(16)
+    monkeypatch.setenv("SYNTHGUARD_SECRET_KEY", padded.format(key=key))
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "SYNTHGUARD_SECRET_KEY: has leading or trailing whitespace" in message
+    assert "\n" not in message and "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        secrets.token_hex(
+            32
+        ),  # what the README recommends (`openssl rand -hex 32`) and tests/conftest.py uses
+        secrets.token_urlsafe(32),
+        "0123456789abcdef0123456789abcdef",  # the key tests use for SQLite and compose
+        "correct horse battery staple",  # inner spaces are part of the key
+        "changeme-7f3a9c2e1b8d",  # a placeholder word with real randomness beside it
+    ],
+)
+def test_strong_secret_keys_are_accepted(key):
+    assert load_settings(secret_key=key).require_secret_key() == key
+
+
 def test_an_infinite_duration_in_the_environment_is_refused(monkeypatch):
     monkeypatch.setenv("SYNTHGUARD_RECONCILE_AFTER_S", "inf")
     with pytest.raises(SettingsError, match="SYNTHGUARD_RECONCILE_AFTER_S"):
@@ -91,7 +127,8 @@ def test_an_infinite_duration_in_the_environment_is_refused(monkeypatch):
 def test_missing_secret_is_reported_where_it_is_needed():
     with pytest.raises(SettingsError, match="SYNTHGUARD_SECRET_KEY is not set"):
         Settings().require_secret_key()
-    assert Settings(secret_key=SecretStr("x" * 32)).require_secret_key() == "x" * 32
+    key = "0123456789abcdef" * 2
+    assert Settings(secret_key=SecretStr(key)).require_secret_key() == key
 
 
 def _synthguard(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from standardwebhooks.webhooks import Webhook
 
 from db.session import session_scope
+from db.webhook_tables import WebhookAttempt, WebhookDelivery
 from tests.worker.webhook_helpers import Script, add_checked_image, drive, fast_settings, run_receiver
 from worker import outbox
 from worker.cli.webhook_cmds import parse_since, webhooks
@@ -111,8 +112,69 @@ def test_add_refuses_unknown_events_and_bad_urls(cli):
 
 
 def test_add_warns_when_the_url_is_refused_now(cli):
-    result = cli("add", "http://169.254.169.254/latest", "--client", "acme")
-    assert "warning" in result.output and "cloud metadata" in result.output
+    private = cli("add", "http://10.255.0.1/hook", "--client", "acme")
+    assert "warning" in private.stderr and "private address refused" in private.stderr
+    assert "set SYNTHGUARD_ALLOW_PRIVATE_HOSTS if it is an internal receiver you trust" in private.stderr
+    # A metadata address is not opened by a range in the allowlist, and should not be opened at all: the
+    # allowlist hint would be wrong.
+    for allowed in ("127.0.0.1", "169.254.0.0/16"):
+        metadata = cli(
+            "add", "http://169.254.169.254/latest", "--client", "acme", SYNTHGUARD_ALLOW_PRIVATE_HOSTS=allowed
+        )
+        assert "warning" in metadata.stderr and "cloud metadata" in metadata.stderr
+        assert "a cloud metadata address is never a webhook receiver" in metadata.stderr
+        assert "SYNTHGUARD_ALLOW_PRIVATE_HOSTS" not in metadata.stderr
+
+
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [("", "must not be empty"), ("   ", "must not be empty"), ("n" * 101, "is longer than 100 characters")],
+)
+def test_client_names_a_check_could_not_have_are_refused_with_one_line(cli, client, reason):
+    """The rule of `clients set` (and of a check_image message): a longer name was a database traceback, an
+    empty one an endpoint that no check could ever notify."""
+    for command in (["add", "https://hooks.example.com/in", "--client", client], ["client-secret", client]):
+        result = cli(*command, ok=False)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert f"Error: Invalid value for '--client': {reason}" in result.stderr or (
+            f"Error: Invalid value for 'CLIENT_NAME': {reason}" in result.stderr
+        )
+    assert json.loads(cli("list", "--format", "json").output) == []
+
+
+def test_show_and_deliveries_escape_control_characters_from_receivers(cli, pg_session_factory):
+    """A receiver (any tenant) writes the response excerpt; printed raw, its escape sequences would retitle
+    the operator's terminal, fake a line, or write the clipboard (OSC 52). JSON keeps the exact text."""
+    body = "\x1b]0;owned-title\x07\x1b[2J\x1b[31mFAKE: delivery succeeded\x1b[0m\x1b]52;c;cm0gLXJmIH4K\x07"
+    error = "HTTP 500\x1b]0;also-owned\x07"
+    endpoint_id, _ = _add(cli, "https://hooks.example.com/in")
+    with session_scope(pg_session_factory) as session:
+        check, verdict = add_checked_image(session)
+        (delivery_id,) = outbox.record_check_events(session, check, verdict)
+        delivery = session.get_one(WebhookDelivery, delivery_id)
+        delivery.status, delivery.attempt_count, delivery.last_status_code = "failed", 1, 500
+        delivery.last_error = error
+        session.add(
+            WebhookAttempt(delivery_id=delivery_id, attempt_number=1, url=delivery.url, status_code=500,
+                           latency_ms=3, outcome="failed", error=error, response_excerpt=body)
+        )  # fmt: skip
+
+    for command in (["show", str(delivery_id)], ["deliveries"]):
+        table = cli(*command).output
+        assert "\x1b" not in table and "\x07" not in table, command
+        assert "\\x1b]0;" in table, command  # shown escaped, not dropped
+    as_json = json.loads(cli("show", str(delivery_id), "--format", "json").output)
+    assert as_json["attempts"][0]["response"] == body
+    assert as_json["attempts"][0]["error"] == as_json["last_error"] == error
+    (listed,) = json.loads(cli("deliveries", "--format", "json").output)
+    assert listed["last_error"] == error
+
+    # A disabled endpoint's reason (the receiver's answer when a 410 disabled it) in `list` and `test`.
+    cli("disable", endpoint_id, "--reason", error)
+    for command, ok in ((["list"], True), (["test", endpoint_id], False)):
+        shown = cli(*command, ok=ok).output
+        assert "HTTP 500\\x1b]0;also-owned\\x07" in shown and "\x1b" not in shown, command
 
 
 @pytest.mark.parametrize("status", [404, 503])

@@ -20,15 +20,16 @@ from db.session import session_scope
 from db.tables import CLIENT_MAX_LEN, Check, Client, Verdict
 from worker.cli.pipeline_cmds import cli_settings, db_option, emit, format_option, open_database
 
-__all__ = ["register"]
+__all__ = ["check_client_name", "register"]
 
 CLIENT_COLUMNS: Final = ("client", "flag_threshold", "flag_uncertain", "checks", "flagged")
 #: (flag_threshold, flag_uncertain) of a client without a ``clients`` row: only ``generated`` is flagged.
 DEFAULT_POLICY: Final[tuple[float | None, bool]] = (None, False)
 
 
-def _client_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    """The bounds a check_image message puts on ``client`` (worker/requests.py), for any client's policy."""
+def check_client_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The bounds a check_image message puts on ``client`` (worker/requests.py); a click callback for every
+    argument or option naming a client to create (a policy, an endpoint, a client secret)."""
     if not value.strip():
         raise click.BadParameter("must not be empty")
     if len(value) > CLIENT_MAX_LEN:
@@ -126,7 +127,7 @@ def list_cmd(database: str | None, output_format: str) -> None:
 
 
 @clients.command("set")
-@click.argument("name", callback=_client_name)
+@click.argument("name", callback=check_client_name)
 @click.option(
     "--flag-threshold", type=float, callback=_threshold, metavar="SCORE",
     help="Also flag any check scoring at or above SCORE (0..1), whatever its verdict.",

@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from db.migrate import is_up_to_date, upgrade_to_head
 from db.queries import get_check, get_or_create_check, list_checks, list_verdicts
 from db.session import make_engine, make_session_factory, session_scope
 from db.tables import CHECK_STATUSES, EXTERNAL_ID_MAX_LEN, VERDICTS, Check
+from db.webhook_tables import WebhookClientSecret, WebhookEndpoint
 from worker import pipeline
 from worker.requests import check_callback_url
 from worker.settings import Settings, SettingsError, load_settings
@@ -138,6 +140,36 @@ def open_database(settings: Settings, *, migrate: bool) -> sessionmaker[Session]
 # --- output ---------------------------------------------------------------------------------------------
 
 
+#: Unicode categories printed as escapes: controls (C0, DEL, C1: terminal escape sequences), format characters
+#: (bidi overrides reorder what is read) and surrogates (undecodable argv bytes; they cannot be encoded).
+_ESCAPED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs"})
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control, format or surrogate character written as an escape (ESC as ``\\x1b``).
+
+    Every table and text line goes through it: external ids, client names, errors and receivers' response
+    excerpts come from tenants and receivers, and printed raw an escape sequence would retitle the window,
+    clear the screen, fake a line, or write the clipboard (OSC 52). JSON output needs none of this: json.dumps
+    escapes them.
+    """
+    if text.isprintable():  # the usual case: isprintable() is False for every escaped character
+        return text
+    return "".join(
+        _escaped(char) if unicodedata.category(char) in _ESCAPED_CATEGORIES else char for char in text
+    )
+
+
+_SHORT_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -145,7 +177,7 @@ def _cell(value: Any) -> str:
         return f"{value:.3f}"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    text = " ".join(str(value).split())
+    text = escape_controls(" ".join(str(value).split()))
     return text if len(text) <= CELL_MAX_CHARS else text[: CELL_MAX_CHARS - 1] + "…"
 
 
@@ -262,11 +294,11 @@ def _report_skipped(directory: Path, skipped: Sequence[Path]) -> None:
         return
     names = [str(file.relative_to(directory)) for file in skipped[:SKIPPED_NAMES_SHOWN]]
     more = f" and {len(skipped) - len(names)} more" if len(skipped) > len(names) else ""
-    click.echo(
+    message = (
         f"{directory}: skipped {len(skipped)} file(s) without an image suffix ({', '.join(names)}{more}); "
-        "name a file to check it anyway",
-        err=True,
+        "name a file to check it anyway"
     )
+    click.echo(escape_controls(message), err=True)  # file names in an upload folder are anyone's
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -538,6 +570,34 @@ def demo(paths: tuple[str, ...], database: str | None, images_dir: Path, output_
 # --- worker and enqueue ---------------------------------------------------------------------------------
 
 
+def refuse_a_key_that_does_not_decrypt(factory: sessionmaker[Session], secret_key: str) -> None:
+    """Stop the worker start when ``secret_key`` does not decrypt a stored webhook secret.
+
+    A worker with another key (or the right one plus a secret file's newline) would start "ready" and fail
+    every delivery it takes for good. One secret stands for all: they are all stored under the one key. The
+    most recently written is tried, the likeliest to be under the key the operator means.
+    """
+    from worker.webhooks import SecretCipher, SecretError  # noqa: PLC0415 - httpx and cryptography: worker only
+
+    with session_scope(factory) as session:
+        token = session.scalar(
+            sa.select(WebhookEndpoint.secret_encrypted).order_by(WebhookEndpoint.updated_at.desc()).limit(1)
+        ) or session.scalar(
+            sa.select(WebhookClientSecret.secret_encrypted)
+            .order_by(WebhookClientSecret.updated_at.desc())
+            .limit(1)
+        )
+    if token is None:
+        return  # nothing stored yet: the first secret will be stored under whichever key the CLI has
+    try:
+        SecretCipher(secret_key).decrypt(token)
+    except SecretError:
+        raise click.ClickException(
+            "SYNTHGUARD_SECRET_KEY does not decrypt the stored webhook secrets; set the key they were stored "
+            "with (every worker and `synthguard webhooks` command needs the same one)"
+        ) from None
+
+
 @click.command()
 @click.option("--concurrency", type=int, help="Worker processes (default: SYNTHGUARD_WORKER_CONCURRENCY).")
 @click.option(
@@ -552,10 +612,11 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
     settings = cli_settings(None, **overrides)
     try:
         # The worker signs webhooks with secrets encrypted under this key.
-        settings.require_secret_key()
+        secret_key = settings.require_secret_key()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
-    open_database(settings, migrate=False)
+    factory = open_database(settings, migrate=False)
+    refuse_a_key_that_does_not_decrypt(factory, secret_key)
     from worker.app import create_celery_app, verify_detector  # noqa: PLC0415
 
     # Load the weights once before forking (in a subprocess, so this process never runs torch): a missing or
@@ -771,7 +832,9 @@ def check_details(check: Check) -> dict[str, Any]:
 
 
 def _print_details(details: dict[str, Any]) -> None:
-    echo = click.echo
+    def echo(line: str) -> None:
+        click.echo(escape_controls(line))
+
     echo(f"check        {details['check_id']}")
     echo(f"client       {details['client']}   external id {details['external_id']}")
     source = details["source_url"] or ("inline image" if details["has_inline_image"] else "-")
@@ -886,4 +949,11 @@ def register(group: click.Group) -> None:
         group.add_command(command)
 
 
-__all__ = ["create_check_for", "expand_inputs", "register", "scan_inputs", "write_demo_images"]
+__all__ = [
+    "create_check_for",
+    "escape_controls",
+    "expand_inputs",
+    "register",
+    "scan_inputs",
+    "write_demo_images",
+]

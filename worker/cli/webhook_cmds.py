@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import click
 import sqlalchemy as sa
@@ -23,7 +23,8 @@ from db.migrate import is_up_to_date
 from db.session import make_engine, make_session_factory, session_scope
 from db.webhook_tables import WebhookDelivery, WebhookEndpoint
 from worker import netguard
-from worker.cli.pipeline_cmds import note_if_truncated, refuse_missing_sqlite_file
+from worker.cli.clients_cmds import check_client_name
+from worker.cli.pipeline_cmds import escape_controls, note_if_truncated, refuse_missing_sqlite_file
 from worker.settings import Settings, SettingsError, load_settings
 from worker.webhook_delivery import (
     DELIVER_WEBHOOK_TASK,
@@ -107,7 +108,9 @@ def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
     if not rows:
         click.echo("(none)")
         return
-    cells = [[("" if row.get(col) is None else str(row.get(col))) for col in columns] for row in rows]
+    cells = [
+        [("" if row.get(col) is None else escape_controls(str(row[col]))) for col in columns] for row in rows
+    ]
     widths = [max(len(col), *(len(cell[i]) for cell in cells)) for i, col in enumerate(columns)]
     click.echo("  ".join(col.ljust(widths[i]) for i, col in enumerate(columns)).rstrip())
     for cell in cells:
@@ -147,13 +150,22 @@ def _delivery_row(delivery: WebhookDelivery) -> dict[str, Any]:
     }
 
 
+# How netguard names a cloud metadata address in a refusal (is_forbidden_address, check_url).
+_METADATA_REFUSAL: Final = "cloud metadata endpoint"
+
+
 def _warn_if_refused(url: str, settings: Settings) -> None:
     try:
         netguard.check_url(url, netguard.HostAllowlist.parse(settings.allow_private_hosts))
     except netguard.ForbiddenTargetError as exc:
+        if _METADATA_REFUSAL in exc.reason:
+            # The allowlist hint would be wrong twice: a range does not open a metadata address (only an exact
+            # entry does), and opening one would post events to the service that hands out cloud credentials.
+            hint = "a cloud metadata address is never a webhook receiver; register the receiver's own URL"
+        else:
+            hint = "set SYNTHGUARD_ALLOW_PRIVATE_HOSTS if it is an internal receiver you trust"
         click.echo(
-            f"warning: deliveries to this URL are refused right now ({exc.reason}); "
-            "set SYNTHGUARD_ALLOW_PRIVATE_HOSTS if it is an internal receiver you trust",
+            escape_controls(f"warning: deliveries to this URL are refused right now ({exc.reason}); {hint}"),
             err=True,
         )
 
@@ -202,7 +214,10 @@ def webhooks() -> None:
 
 @webhooks.command("add")
 @click.argument("url")
-@click.option("--client", "client_name", required=True, help="Client (platform) the endpoint belongs to.")
+@click.option(
+    "--client", "client_name", required=True, callback=check_client_name,
+    help="Client (platform) the endpoint belongs to.",
+)  # fmt: skip
 @click.option(
     "--events",
     multiple=True,
@@ -225,7 +240,7 @@ def add_cmd(url: str, client_name: str, events: tuple[str, ...], description: st
                 description=description,
             )
         except EndpointError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(escape_controls(str(exc))) from None
         endpoint_id, subscribed = endpoint.id, list(endpoint.events)
         twins = [
             (other.id, sorted(set(other.events or []) & set(subscribed)))
@@ -240,12 +255,12 @@ def add_cmd(url: str, client_name: str, events: tuple[str, ...], description: st
         ]
     for other_id, shared in twins:
         if shared:  # legitimate with disjoint events; with shared ones every such event arrives twice
-            click.echo(
+            message = (
                 f"warning: endpoint {other_id} already sends {', '.join(shared)} to this URL for "
                 f"{client_name}; each will arrive twice "
-                f"(`synthguard webhooks disable {other_id}` if this one replaces it)",
-                err=True,
+                f"(`synthguard webhooks disable {other_id}` if this one replaces it)"
             )
+            click.echo(escape_controls(message), err=True)
     _warn_if_refused(url, settings)
     click.echo(f"endpoint: {endpoint_id}")
     click.echo(f"events:   {', '.join(subscribed)}")
@@ -280,7 +295,7 @@ def disable_cmd(endpoint_id: str, reason: str | None) -> None:
         try:
             set_endpoint_enabled(session, endpoint_id, enabled=False, reason=reason)
         except EndpointError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(escape_controls(str(exc))) from None
     click.echo(f"endpoint {endpoint_id} disabled")
 
 
@@ -293,7 +308,7 @@ def enable_cmd(endpoint_id: str) -> None:
         try:
             set_endpoint_enabled(session, endpoint_id, enabled=True)
         except EndpointError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(escape_controls(str(exc))) from None
     click.echo(f"endpoint {endpoint_id} enabled")
 
 
@@ -309,14 +324,14 @@ def rotate_secret_cmd(endpoint_id: str) -> None:
                 session, cipher, endpoint_id, overlap_s=settings.webhook_secret_overlap_s
             )
         except EndpointError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(escape_controls(str(exc))) from None
         until = _iso(endpoint.previous_secret_expires_at)
     click.echo(f"secret:   {secret}")
     click.echo(f"Both secrets sign every delivery until {until}; switch the receiver before then.", err=True)
 
 
 @webhooks.command("client-secret")
-@click.argument("client_name")
+@click.argument("client_name", callback=check_client_name)
 @click.option("--rotate", is_flag=True, help="Make a new secret (the old one keeps signing for the overlap).")
 def client_secret_cmd(client_name: str, rotate: bool) -> None:
     """Print the secret that signs CLIENT's per-check callback_url deliveries (created on first use)."""
@@ -331,7 +346,7 @@ def client_secret_cmd(client_name: str, rotate: bool) -> None:
             else:
                 secret = reveal_client_secret(session, cipher, client_name)
         except SecretError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(escape_controls(str(exc))) from None
     click.echo(secret)
 
 
@@ -405,7 +420,7 @@ def show_cmd(delivery_id: str, fmt: str) -> None:
         attempt["response"] = str(attempt["response"])[:60].replace("\n", " ")
     width = max(len(key) for key in row)
     for key, value in row.items():
-        click.echo(f"{key.ljust(width)}  {'' if value is None else value}")
+        click.echo(f"{key.ljust(width)}  {'' if value is None else escape_controls(str(value))}")
     click.echo("\nattempts:")
     _print_table(attempts, ["n", "at", "outcome", "status", "latency_ms", "error", "response"])
     click.echo("\npayload:")
@@ -437,11 +452,11 @@ def redeliver_cmd(
                     endpoint = None if endpoint_id is None else _parse_id(endpoint_id, "endpoint")
                     ids = redeliver_failed_since(session, since, now=now, endpoint_id=endpoint)
             except (LookupError, ValueError) as exc:
-                raise click.ClickException(str(exc)) from None
+                raise click.ClickException(escape_controls(str(exc))) from None
         if here:
             for key in ids:
                 step = _send_here(factory, settings, key)
-                click.echo(f"{key}  {step.status}  {step.detail or ''}".rstrip())
+                click.echo(escape_controls(f"{key}  {step.status}  {step.detail or ''}".rstrip()))
             return
     _enqueue(settings, ids)
     click.echo(f"{len(ids)} deliver{'y' if len(ids) == 1 else 'ies'} queued again")
@@ -459,7 +474,7 @@ def test_cmd(endpoint_id: str) -> None:
             try:
                 delivery_id = create_ping_delivery(session, endpoint_id).id
             except EndpointError as exc:
-                raise click.ClickException(str(exc)) from None
+                raise click.ClickException(escape_controls(str(exc))) from None
         step = _send_here(factory, settings, delivery_id)
         with session_scope(factory) as session:
             delivery = session.get_one(WebhookDelivery, delivery_id)
@@ -471,7 +486,8 @@ def test_cmd(endpoint_id: str) -> None:
                 if attempt.status_code is not None
                 else f"no response after {attempt.latency_ms} ms"
             )
-    click.echo(f"ping {delivery_id}: {step.status} ({summary}){': ' + step.detail if step.detail else ''}")
+    detail = f": {step.detail}" if step.detail else ""
+    click.echo(escape_controls(f"ping {delivery_id}: {step.status} ({summary}){detail}"))
     if step.status != "succeeded":
         raise SystemExit(1)
 
