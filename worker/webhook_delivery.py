@@ -15,6 +15,7 @@ may therefore see an event twice; the stable ``webhook-id`` lets it drop the dup
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from db.webhook_tables import WebhookAttempt, WebhookClientSecret, WebhookDelive
 from worker.settings import Settings
 from worker.webhooks import (
     EVENT_PING,
+    RESPONSE_EXCERPT_CHARS,
     Outcome,
     RetryPolicy,
     SecretCipher,
@@ -42,6 +44,7 @@ from worker.webhooks import (
     generate_secret,
     make_webhook_client,
     send_webhook,
+    storable_text,
     webhook_headers,
 )
 
@@ -161,11 +164,22 @@ def active_secrets(
     previous: str | None,
     previous_expires_at: datetime | None,
     now: datetime,
+    *,
+    owner: str,
 ) -> list[str]:
-    """The secrets to sign with: the current one, plus the previous one while its rotation overlap lasts."""
+    """The secrets to sign with: the current one, plus the previous one while its rotation overlap lasts.
+
+    A current secret that does not decrypt raises SecretError (nothing could sign). A previous one that does
+    not decrypt (it was stored under an earlier SYNTHGUARD_SECRET_KEY) is left out with a warning: the
+    current secret alone still gives the receiver a signature it can verify. ``owner`` names the endpoint or
+    client in that warning.
+    """
     secrets_ = [cipher.decrypt(current)]
     if previous is not None and previous_expires_at is not None and as_utc(previous_expires_at) > now:
-        secrets_.append(cipher.decrypt(previous))
+        try:
+            secrets_.append(cipher.decrypt(previous))
+        except SecretError as exc:
+            logger.warning("%s: previous webhook secret left out of the signature: %s", owner, exc)
     return secrets_
 
 
@@ -183,7 +197,12 @@ def client_secrets(session: Session, cipher: SecretCipher, client: str, now: dat
         session.add(row)
         session.flush()
     return active_secrets(
-        cipher, row.secret_encrypted, row.previous_secret_encrypted, row.previous_secret_expires_at, now
+        cipher,
+        row.secret_encrypted,
+        row.previous_secret_encrypted,
+        row.previous_secret_expires_at,
+        now,
+        owner=f"client {client!r}",
     )
 
 
@@ -197,7 +216,7 @@ class _Prepared:
 
 def _finish(delivery: WebhookDelivery, status: str, error: str | None, now: datetime) -> None:
     delivery.status = status
-    delivery.last_error = error[:ERROR_MAX_CHARS] if error else None
+    delivery.last_error = storable_text(error, ERROR_MAX_CHARS) if error else None
     delivery.lease_expires_at = None
     if status != "pending":
         delivery.next_attempt_at = None
@@ -217,15 +236,15 @@ def _record_attempt(session: Session, delivery: WebhookDelivery, result: SendRes
             status_code=result.status_code,
             latency_ms=result.latency_ms,
             outcome=result.outcome.value,
-            error=result.error[:ERROR_MAX_CHARS] if result.error else None,
-            response_excerpt=result.response_excerpt,
+            error=storable_text(result.error, ERROR_MAX_CHARS),
+            response_excerpt=storable_text(result.response_excerpt, RESPONSE_EXCERPT_CHARS),
         )
     )
 
 
 def _disable(endpoint: WebhookEndpoint, reason: str, now: datetime) -> None:
     endpoint.enabled = False
-    endpoint.disabled_reason = reason[:ERROR_MAX_CHARS]
+    endpoint.disabled_reason = storable_text(reason, ERROR_MAX_CHARS)
     endpoint.disabled_at = now
     logger.warning("webhook endpoint %s disabled: %s", endpoint.id, reason)
 
@@ -244,6 +263,7 @@ def _prepare(
             endpoint.previous_secret_encrypted,
             endpoint.previous_secret_expires_at,
             now,
+            owner=f"endpoint {endpoint.id}",
         )
     elif delivery.client is not None:
         secrets_ = client_secrets(session, cipher, delivery.client, now)
@@ -305,6 +325,29 @@ def deliver_now(
 
 
 def _record(
+    session_factory: sessionmaker[Session],
+    delivery_id: uuid.UUID,
+    result: SendResult,
+    config: DeliveryConfig,
+) -> DeliveryStep:
+    try:
+        return _record_result(session_factory, delivery_id, result, config)
+    except sa.exc.DataError:
+        # The texts are cleaned before they are stored; should one still be refused, the outcome matters
+        # more than its wording. Unrecorded, the delivery would stay pending and be re-sent for ever.
+        logger.exception(
+            "webhook delivery %s: attempt texts refused by the database; stored without", delivery_id
+        )
+        plain = f"HTTP {result.status_code}" if result.status_code is not None else result.outcome.value
+        bare = dataclasses.replace(
+            result,
+            error=f"{plain}; the attempt's error and response texts could not be stored",
+            response_excerpt=None,
+        )
+        return _record_result(session_factory, delivery_id, bare, config)
+
+
+def _record_result(
     session_factory: sessionmaker[Session],
     delivery_id: uuid.UUID,
     result: SendResult,

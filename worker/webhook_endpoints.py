@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -17,30 +18,93 @@ from db.base import utcnow
 from db.tables import URL_MAX_LEN, Client
 from db.webhook_tables import WebhookClientSecret, WebhookDelivery, WebhookEndpoint
 from worker import netguard
+from worker.webhook_delivery import as_utc
 from worker.webhooks import (
     DEFAULT_ENDPOINT_EVENTS,
     EVENT_PING,
     EVENT_TYPES,
     SecretCipher,
+    SecretError,
     build_ping_payload,
     generate_secret,
 )
 
 __all__ = [
     "EndpointError",
+    "SecretRotation",
     "create_endpoint",
     "create_ping_delivery",
     "get_endpoint",
     "list_endpoints",
     "reveal_client_secret",
     "rotate_client_secret",
+    "rotate_client_secret_detailed",
     "rotate_endpoint_secret",
+    "rotate_endpoint_secret_detailed",
     "set_endpoint_enabled",
 ]
 
 
 class EndpointError(ValueError):
     """An operator request that cannot be done; the message says why."""
+
+
+@dataclass(frozen=True)
+class SecretRotation:
+    """What a secret rotation did, for the message to the operator.
+
+    ``secret`` is the new ``whsec_`` secret (shown once). ``previous_signs_until`` is when the replaced secret
+    stops signing beside it, or None when it stopped at once: it could not be decrypted
+    (``undecryptable_dropped``), or the overlap is 0. ``overlapping_dropped`` says that a secret from an
+    earlier rotation was still inside its overlap and stopped signing now.
+    """
+
+    secret: str
+    previous_signs_until: datetime | None
+    undecryptable_dropped: bool = False
+    overlapping_dropped: bool = False
+
+
+def _decrypts(cipher: SecretCipher, token: str) -> bool:
+    try:
+        cipher.decrypt(token)
+    except SecretError:
+        return False
+    return True
+
+
+def _rotate(
+    cipher: SecretCipher, row: WebhookEndpoint | WebhookClientSecret, overlap_s: float
+) -> SecretRotation:
+    """Give ``row`` a new current secret; the replaced one becomes its previous secret for ``overlap_s``.
+
+    Two secrets at most, as Standard Webhooks has it: a previous secret still inside its overlap is replaced
+    by the current one. A current secret that the key cannot decrypt (SYNTHGUARD_SECRET_KEY changed since it
+    was stored) is dropped rather than kept as previous: nothing can sign with it, and keeping it would only
+    put an undecryptable secret on every delivery of the overlap.
+    """
+    now = utcnow()
+    overlapping = (
+        row.previous_secret_encrypted is not None
+        and row.previous_secret_expires_at is not None
+        and as_utc(row.previous_secret_expires_at) > now
+        and _decrypts(cipher, row.previous_secret_encrypted)
+    )
+    old_decrypts = _decrypts(cipher, row.secret_encrypted)
+    secret = generate_secret()
+    if old_decrypts and overlap_s > 0:
+        row.previous_secret_encrypted = row.secret_encrypted
+        row.previous_secret_expires_at = now + timedelta(seconds=overlap_s)
+    else:
+        row.previous_secret_encrypted = None
+        row.previous_secret_expires_at = None
+    row.secret_encrypted = cipher.encrypt(secret)
+    return SecretRotation(
+        secret=secret,
+        previous_signs_until=row.previous_secret_expires_at,
+        undecryptable_dropped=not old_decrypts,
+        overlapping_dropped=overlapping,
+    )
 
 
 def _ensure_client(session: Session, name: str) -> None:
@@ -104,16 +168,28 @@ def create_endpoint(
     return endpoint, secret
 
 
+def rotate_endpoint_secret_detailed(
+    session: Session, cipher: SecretCipher, endpoint_id: str | uuid.UUID, *, overlap_s: float
+) -> tuple[WebhookEndpoint, SecretRotation]:
+    """Give the endpoint a new secret; the old one keeps signing beside it for ``overlap_s`` seconds.
+
+    The endpoint keeps the newest two secrets: a second rotation within the overlap stops the first secret
+    signing at once (``SecretRotation.overlapping_dropped``). An old secret the current key cannot decrypt is
+    dropped (``undecryptable_dropped``) and only the new secret signs.
+    """
+    endpoint = get_endpoint(session, endpoint_id)
+    return endpoint, _rotate(cipher, endpoint, overlap_s)
+
+
 def rotate_endpoint_secret(
     session: Session, cipher: SecretCipher, endpoint_id: str | uuid.UUID, *, overlap_s: float
 ) -> tuple[WebhookEndpoint, str]:
-    """Give the endpoint a new secret; the old one keeps signing beside it for ``overlap_s`` seconds."""
-    endpoint = get_endpoint(session, endpoint_id)
-    secret = generate_secret()
-    endpoint.previous_secret_encrypted = endpoint.secret_encrypted
-    endpoint.previous_secret_expires_at = utcnow() + timedelta(seconds=overlap_s)
-    endpoint.secret_encrypted = cipher.encrypt(secret)
-    return endpoint, secret
+    """``rotate_endpoint_secret_detailed`` returning the new secret only (the shape worker/cli still uses).
+
+    ``endpoint.previous_secret_expires_at`` is None afterwards when the old secret was dropped at once.
+    """
+    endpoint, rotation = rotate_endpoint_secret_detailed(session, cipher, endpoint_id, overlap_s=overlap_s)
+    return endpoint, rotation.secret
 
 
 def set_endpoint_enabled(
@@ -150,15 +226,20 @@ def reveal_client_secret(session: Session, cipher: SecretCipher, client: str) ->
     return cipher.decrypt(row.secret_encrypted)
 
 
-def rotate_client_secret(session: Session, cipher: SecretCipher, client: str, *, overlap_s: float) -> str:
+def rotate_client_secret_detailed(
+    session: Session, cipher: SecretCipher, client: str, *, overlap_s: float
+) -> SecretRotation:
+    """Give ``client`` a new callback signing secret, as ``rotate_endpoint_secret_detailed`` does for an
+    endpoint (newest two kept; an undecryptable old secret dropped). A client without one gets its first."""
     row, created = _client_secret_row(session, cipher, client)
     if created:
-        return cipher.decrypt(row.secret_encrypted)
-    secret = generate_secret()
-    row.previous_secret_encrypted = row.secret_encrypted
-    row.previous_secret_expires_at = utcnow() + timedelta(seconds=overlap_s)
-    row.secret_encrypted = cipher.encrypt(secret)
-    return secret
+        return SecretRotation(secret=cipher.decrypt(row.secret_encrypted), previous_signs_until=None)
+    return _rotate(cipher, row, overlap_s)
+
+
+def rotate_client_secret(session: Session, cipher: SecretCipher, client: str, *, overlap_s: float) -> str:
+    """``rotate_client_secret_detailed`` returning the new secret only (the shape worker/cli still uses)."""
+    return rotate_client_secret_detailed(session, cipher, client, overlap_s=overlap_s).secret
 
 
 def create_ping_delivery(

@@ -19,8 +19,10 @@ import json
 import logging
 import math
 import random
+import re
 import secrets
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,13 +50,16 @@ __all__ = [
     "SendResult",
     "build_payload",
     "classify_status",
+    "excerpt_of",
     "generate_secret",
     "make_webhook_client",
     "parse_retry_after",
     "send_webhook",
     "sign",
     "signature_header",
+    "storable_text",
     "summarize_evidence",
+    "timestamp_text",
     "webhook_headers",
 ]
 
@@ -75,6 +80,9 @@ SECRET_BYTES: Final = 32
 # and this much of it is kept on the attempt row for operators.
 RESPONSE_READ_LIMIT: Final = 16 * 1024
 RESPONSE_EXCERPT_CHARS: Final = 1024
+# C0 and C1 control characters except newline and tab. PostgreSQL text refuses NUL (the attempt could not be
+# stored at all), and ESC/CSI sequences from a receiver would drive the operator's terminal (`webhooks show`).
+_CONTROL_CHARACTERS: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Svix / Standard Webhooks schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
 # -> 8 attempts over ~28 h.
 DEFAULT_RETRY_DELAYS_S: Final[tuple[float, ...]] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
@@ -241,7 +249,8 @@ def summarize_evidence(evidence: Mapping[str, Any], max_entries_per_group: int =
     return summary
 
 
-def _iso(moment: datetime) -> str:
+def timestamp_text(moment: datetime) -> str:
+    """A payload timestamp: UTC, milliseconds, ``Z`` (``2026-11-26T15:00:00.000Z``), alike in every field."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -280,7 +289,7 @@ def build_payload(event_type: str, event: CheckEventData, *, occurred_at: dateti
     if event.review is not None:
         data["review"] = {k: v for k, v in event.review.items() if not _is_threshold_key(str(k))}
 
-    payload: dict[str, Any] = {"type": event_type, "timestamp": _iso(occurred_at), "data": data}
+    payload: dict[str, Any] = {"type": event_type, "timestamp": timestamp_text(occurred_at), "data": data}
     for entries in (12, 6, 3):
         if event.evidence:
             data["evidence_summary"] = summarize_evidence(event.evidence, entries)
@@ -298,7 +307,9 @@ def build_payload(event_type: str, event: CheckEventData, *, occurred_at: dateti
 
 
 def build_ping_payload(*, endpoint_id: str, occurred_at: datetime) -> bytes:
-    return _encode({"type": EVENT_PING, "timestamp": _iso(occurred_at), "data": {"endpoint_id": endpoint_id}})
+    return _encode(
+        {"type": EVENT_PING, "timestamp": timestamp_text(occurred_at), "data": {"endpoint_id": endpoint_id}}
+    )
 
 
 def _model_version(model: str | None) -> str | None:
@@ -414,9 +425,19 @@ class SendResult:
     retry_after_s: float | None = None
 
 
-def _read_capped(response: httpx.Response, limit: int, deadline: float) -> bytes:
-    if response.is_stream_consumed:  # already buffered (in-memory transports)
-        return response.content[:limit]
+def storable_text(text: str | None, max_chars: int) -> str | None:
+    """``text`` as it may be stored and printed: control characters (NUL included) other than newline and tab
+    become U+FFFD, CRLF becomes LF, lone surrogates become ``?``, and it is cut to ``max_chars``."""
+    if text is None:
+        return None
+    encodable = text.replace("\r\n", "\n").encode("utf-8", errors="replace").decode("utf-8")
+    return _CONTROL_CHARACTERS.sub("\ufffd", encodable)[:max_chars]
+
+
+def _read_capped(response: httpx.Response, limit: int, deadline: float) -> tuple[bytes, str]:
+    """Up to ``limit`` body bytes, and the content-encoding still to undo on them ("identity" when none)."""
+    if response.is_stream_consumed:  # already buffered (in-memory transports), and already decoded by httpx
+        return response.content[:limit], "identity"
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_raw():
@@ -425,13 +446,41 @@ def _read_capped(response: httpx.Response, limit: int, deadline: float) -> bytes
         # The per-read timeout alone lets a receiver trickle bytes forever; the deadline bounds the read.
         if size >= limit or time.monotonic() > deadline:
             break
-    return b"".join(chunks)[:limit]
+    return b"".join(chunks)[:limit], response.headers.get("content-encoding", "identity")
 
 
-def _excerpt(raw: bytes) -> str | None:
+def _inflate_prefix(raw: bytes, max_bytes: int) -> bytes | None:
+    """The first ``max_bytes`` of a gzip, zlib or raw deflate body (the prefix read may end mid-stream), or
+    None if it is none of them. ``max_length`` bounds the output, so a compression bomb costs nothing."""
+    for wbits in (zlib.MAX_WBITS | 32, -zlib.MAX_WBITS):  # |32: gzip or zlib header, detected; then raw
+        try:
+            return zlib.decompressobj(wbits).decompress(raw, max_bytes)
+        except zlib.error:
+            continue
+    return None
+
+
+def excerpt_of(raw: bytes, content_encoding: str) -> str | None:
+    """What an attempt row keeps of a response body: readable text, at most RESPONSE_EXCERPT_CHARS.
+
+    Webhook requests ask for ``identity``; a receiver that compresses anyway gets its gzip or deflate body
+    decoded (as far as the excerpt needs), any other encoding is named instead of stored as binary.
+    """
     if not raw:
         return None
-    return raw.decode("utf-8", errors="replace")[:RESPONSE_EXCERPT_CHARS]
+    encoding = content_encoding.strip().lower()[:40]
+    if encoding in ("", "identity"):
+        text = raw.decode("utf-8", errors="replace")
+    elif encoding in ("gzip", "x-gzip", "deflate"):
+        # 4 bytes per character at most in UTF-8: enough bytes for a full excerpt.
+        inflated = _inflate_prefix(raw, RESPONSE_EXCERPT_CHARS * 4)
+        if not inflated:  # raw deflate may accept garbage without an error, yielding nothing
+            text = f"({encoding}-encoded body of {len(raw)} bytes that does not decode)"
+        else:
+            text = inflated.decode("utf-8", errors="replace")
+    else:
+        text = f"({encoding}-encoded body of {len(raw)} bytes, not decoded)"
+    return storable_text(text, RESPONSE_EXCERPT_CHARS)
 
 
 def _describe_exception(exc: BaseException) -> str:
@@ -466,14 +515,18 @@ def send_webhook(
     socket read.
     """
     refused = tuple(refused_errors)
+    request_headers = httpx.Headers(headers)
+    # httpx asks for gzip/deflate by default. The body is read raw and capped, so ask for plain bytes: a
+    # compressed answer used to reach the attempt row as binary.
+    request_headers["accept-encoding"] = "identity"
     started = time.monotonic()
     deadline = started + timeout_s
     try:
         with (
             netguard.deadline(timeout_s),
-            client.stream("POST", url, content=body, headers=dict(headers), timeout=timeout_s) as response,
+            client.stream("POST", url, content=body, headers=request_headers, timeout=timeout_s) as response,
         ):
-            raw = _read_capped(response, RESPONSE_READ_LIMIT, deadline)
+            raw, content_encoding = _read_capped(response, RESPONSE_READ_LIMIT, deadline)
             status = response.status_code
             response_headers = response.headers
     except refused as exc:
@@ -516,7 +569,7 @@ def send_webhook(
         status,
         _elapsed_ms(started),
         error=error,
-        response_excerpt=_excerpt(raw),
+        response_excerpt=excerpt_of(raw, content_encoding),
         retry_after_s=retry_after if outcome is Outcome.RETRY else None,
     )
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -215,6 +217,46 @@ def test_send_classifies_responses_and_caps_body():
     # Anything else is still an outcome (retried, with its reason), never an exception for the caller.
     bug = wh.send_webhook(client, "http://receiver/bug", b"{}", {}, timeout_s=5)
     assert bug.outcome is wh.Outcome.RETRY and bug.error == "RuntimeError: a library error nobody expected"
+
+
+def test_send_asks_for_an_uncompressed_answer():
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("accept-encoding"))
+        return httpx.Response(204)
+
+    client = httpx.Client(transport=httpx.MockTransport(handler), follow_redirects=False)
+    headers = wh.webhook_headers([wh.generate_secret()], "msg_1", b"{}")
+    assert (
+        wh.send_webhook(client, "http://receiver/", b"{}", headers, timeout_s=5).outcome
+        is wh.Outcome.SUCCEEDED
+    )
+    # Even a caller that asks for gzip explicitly: the body is read raw, so it must come raw.
+    wh.send_webhook(client, "http://receiver/", b"{}", {**headers, "Accept-Encoding": "gzip"}, timeout_s=5)
+    assert seen == ["identity", "identity"]
+
+
+def test_storable_text_keeps_newlines_and_tabs_and_replaces_other_controls():
+    text = "a\x00b\x1b[2J\r\nc\td\x9be\x7f\ud800"
+    assert wh.storable_text(text, 100) == "a\ufffdb\ufffd[2J\nc\td\ufffde\ufffd?"
+    assert wh.storable_text("x" * 10, 4) == "xxxx"
+    assert wh.storable_text(None, 4) is None
+
+
+def test_excerpt_of_compressed_and_unknown_encodings_is_readable():
+    answer = '{"received": true}'
+    assert wh.excerpt_of(gzip.compress(answer.encode()), "gzip") == answer
+    assert wh.excerpt_of(gzip.compress(answer.encode()), " X-GZIP ") == answer
+    assert wh.excerpt_of(zlib.compress(answer.encode()), "deflate") == answer
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    assert wh.excerpt_of(raw_deflate.compress(answer.encode()) + raw_deflate.flush(), "deflate") == answer
+    assert wh.excerpt_of(b"\x00\x01garbage", "gzip") == "(gzip-encoded body of 9 bytes that does not decode)"
+    assert wh.excerpt_of(b"\x00\x01", "br") == "(br-encoded body of 2 bytes, not decoded)"
+    assert wh.excerpt_of(b"", "gzip") is None
+    # A compression bomb is inflated only as far as the excerpt needs (50 MB would take a while and memory).
+    bomb = gzip.compress(b"A" * 50_000_000)
+    assert wh.excerpt_of(bomb[: wh.RESPONSE_READ_LIMIT], "gzip") == "A" * wh.RESPONSE_EXCERPT_CHARS
 
 
 @pytest.mark.parametrize(

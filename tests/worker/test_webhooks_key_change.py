@@ -1,0 +1,195 @@
+"""Secrets after SYNTHGUARD_SECRET_KEY changed, and rotations that replace a secret still in its overlap.
+
+Real receiver on 127.0.0.1 and real PostgreSQL. Secrets are stored under one key and read under another, as
+when an operator changes or loses the key and rotates every secret to recover.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import timedelta
+
+import pytest
+from pydantic import SecretStr
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from db.base import utcnow
+from db.session import session_scope
+from db.webhook_tables import WebhookClientSecret, WebhookEndpoint
+from tests.worker.webhook_helpers import Script, add_checked_image, drive, fast_settings, run_receiver
+from worker import outbox
+from worker.webhook_endpoints import (
+    create_endpoint,
+    reveal_client_secret,
+    rotate_client_secret,
+    rotate_client_secret_detailed,
+    rotate_endpoint_secret,
+    rotate_endpoint_secret_detailed,
+)
+from worker.webhooks import SecretCipher, generate_secret
+
+pytestmark = pytest.mark.usefixtures("pg_clean")
+
+DECRYPT_ERROR = "cannot decrypt a stored webhook secret: was SYNTHGUARD_SECRET_KEY changed?"
+
+
+@pytest.fixture
+def receiver():
+    yield from run_receiver()
+
+
+@pytest.fixture
+def old_key(settings):
+    """The deployment before the key changed."""
+    return fast_settings(settings)
+
+
+@pytest.fixture
+def new_key(settings):
+    """The same deployment after SYNTHGUARD_SECRET_KEY changed."""
+    return fast_settings(settings, secret_key=SecretStr(secrets.token_hex(32)))
+
+
+def _cipher(settings):
+    return SecretCipher(settings.require_secret_key())
+
+
+def _event(factory, **kwargs):
+    with session_scope(factory) as session:
+        check, verdict = add_checked_image(session, **kwargs)
+        return outbox.record_check_events(session, check, verdict)
+
+
+def _endpoint(factory, settings, url):
+    with session_scope(factory) as session:
+        endpoint, secret = create_endpoint(session, _cipher(settings), url=url, client="acme")
+        return endpoint.id, secret
+
+
+def test_rotating_an_endpoint_secret_after_a_key_change_restores_deliveries(
+    pg_session_factory, old_key, new_key, receiver
+):
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    endpoint_id, _ = _endpoint(pg_session_factory, old_key, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        _, new_secret = rotate_endpoint_secret(session, _cipher(new_key), endpoint_id, overlap_s=86_400)
+
+    ids = _event(pg_session_factory)
+    steps = drive(pg_session_factory, ids[0], new_key)
+
+    assert [s.status for s in steps] == ["succeeded"], steps
+    headers, body = script.requests[0]
+    assert len(headers["webhook-signature"].split(" ")) == 1
+    Webhook(new_secret).verify(body, headers)
+    with session_scope(pg_session_factory) as session:
+        endpoint = session.get_one(WebhookEndpoint, endpoint_id)
+        assert endpoint.previous_secret_encrypted is None and endpoint.previous_secret_expires_at is None
+
+
+def test_the_rotation_says_it_dropped_an_undecryptable_secret(pg_session_factory, old_key, new_key):
+    endpoint_id, _ = _endpoint(pg_session_factory, old_key, "https://hooks.example.com/x")
+    with session_scope(pg_session_factory) as session:
+        _, after_key_change = rotate_endpoint_secret_detailed(
+            session, _cipher(new_key), endpoint_id, overlap_s=86_400
+        )
+        _, ordinary = rotate_endpoint_secret_detailed(
+            session, _cipher(new_key), endpoint_id, overlap_s=86_400
+        )
+
+    assert after_key_change.undecryptable_dropped and after_key_change.previous_signs_until is None
+    assert not ordinary.undecryptable_dropped and ordinary.previous_signs_until is not None
+    assert ordinary.previous_signs_until > utcnow() + timedelta(hours=23)
+
+
+def test_rotating_a_client_secret_after_a_key_change_restores_callbacks(
+    pg_session_factory, old_key, new_key, receiver
+):
+    script = Script((200, {}))
+    receiver.expect_request("/cb").respond_with_handler(script)
+    with session_scope(pg_session_factory) as session:
+        reveal_client_secret(session, _cipher(old_key), "acme")
+        new_secret = rotate_client_secret(session, _cipher(new_key), "acme", overlap_s=86_400)
+
+    ids = _event(pg_session_factory, callback_url=receiver.url_for("/cb"))
+    steps = drive(pg_session_factory, ids[0], new_key)
+
+    assert [s.status for s in steps] == ["succeeded"], steps
+    headers, body = script.requests[0]
+    Webhook(new_secret).verify(body, headers)
+    with session_scope(pg_session_factory) as session:
+        rotation = rotate_client_secret_detailed(session, _cipher(old_key), "acme", overlap_s=60)
+        assert rotation.undecryptable_dropped and rotation.previous_signs_until is None
+        assert session.get_one(WebhookClientSecret, "acme").previous_secret_encrypted is None
+
+
+def test_an_undecryptable_previous_secret_is_left_out_with_a_warning(
+    pg_session_factory, old_key, new_key, receiver, caplog
+):
+    """A previous secret stored under the old key (e.g. rotated by a worker that still had it)."""
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    endpoint_id, secret = _endpoint(pg_session_factory, new_key, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        endpoint = session.get_one(WebhookEndpoint, endpoint_id)
+        endpoint.previous_secret_encrypted = _cipher(old_key).encrypt(generate_secret())
+        endpoint.previous_secret_expires_at = utcnow() + timedelta(hours=1)
+    caplog.set_level(logging.WARNING, logger="worker.webhook_delivery")
+
+    ids = _event(pg_session_factory)
+    steps = drive(pg_session_factory, ids[0], new_key)
+
+    assert [s.status for s in steps] == ["succeeded"], steps
+    headers, body = script.requests[0]
+    Webhook(secret).verify(body, headers)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"endpoint {endpoint_id}" in warnings[0].getMessage()
+    assert DECRYPT_ERROR in warnings[0].getMessage()
+
+
+def test_an_undecryptable_current_secret_still_fails_with_the_reason(
+    pg_session_factory, old_key, new_key, receiver
+):
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    _endpoint(pg_session_factory, old_key, receiver.url_for("/hook"))
+
+    ids = _event(pg_session_factory)
+    steps = drive(pg_session_factory, ids[0], new_key)
+
+    assert [(s.status, s.detail) for s in steps] == [("failed", DECRYPT_ERROR)]
+    assert script.requests == []
+
+
+def test_a_second_rotation_keeps_the_newest_two_secrets(pg_session_factory, old_key, receiver):
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    endpoint_id, original = _endpoint(pg_session_factory, old_key, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        _, first = rotate_endpoint_secret_detailed(session, _cipher(old_key), endpoint_id, overlap_s=3600)
+    with session_scope(pg_session_factory) as session:
+        _, second = rotate_endpoint_secret_detailed(session, _cipher(old_key), endpoint_id, overlap_s=3600)
+    assert not first.overlapping_dropped  # the original had no overlap running
+    assert second.overlapping_dropped  # the original was still signing until this rotation
+
+    ids = _event(pg_session_factory)
+    drive(pg_session_factory, ids[0], old_key)
+
+    headers, body = script.requests[0]
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    Webhook(first.secret).verify(body, headers)
+    Webhook(second.secret).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(original).verify(body, headers)
+
+
+def test_a_rotation_without_overlap_keeps_no_previous_secret(pg_session_factory, old_key):
+    endpoint_id, _ = _endpoint(pg_session_factory, old_key, "https://hooks.example.com/x")
+    with session_scope(pg_session_factory) as session:
+        endpoint, rotation = rotate_endpoint_secret_detailed(
+            session, _cipher(old_key), endpoint_id, overlap_s=0
+        )
+        assert rotation.previous_signs_until is None and not rotation.undecryptable_dropped
+        assert endpoint.previous_secret_encrypted is None
