@@ -14,6 +14,7 @@ Targets:
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Final
@@ -33,9 +34,11 @@ from worker.webhooks import (
     EVENT_REVIEWED,
     CheckEventData,
     build_payload,
+    timestamp_text,
 )
 
 __all__ = [
+    "error_for_receiver",
     "message_id_for",
     "record_check_events",
     "record_check_failed",
@@ -46,6 +49,46 @@ __all__ = [
 # Namespace for deterministic message ids: the same event of the same check always gets the same webhook-id,
 # so a pipeline re-run that records it again is recognisable by the receiver as a duplicate.
 _MESSAGE_NAMESPACE: Final = uuid.UUID("6f1d8a52-3c2b-4e1a-9d0c-5b7e2f4a8c11")
+
+
+# How worker/pipeline.py introduces a fetch failure in check.error: "fetch failed: <reason>", or while a retry
+# waits "fetch failed, will retry: <reason>", which a final failure (retries spent, dead-lettered) may quote
+# after its own reason. The reason runs to the end of the text.
+_FETCH_FAILURE_MARKERS: Final = ("fetch failed: ", "fetch failed, will retry: ")
+# Refusals that depend only on the URL's own text, which the receiver's platform wrote: they reveal nothing
+# and tell it what to fix (worker/netguard.py _split_url).
+_URL_TEXT_REFUSAL: Final = re.compile(
+    r"refused: (scheme |URLs with user information|URL contains whitespace|invalid URL|URL has no host"
+    r"|port \d+ is not valid)"
+)
+HOST_NOT_ALLOWED: Final = "refused: the image URL's host is not allowed"
+COULD_NOT_FETCH: Final = "could not fetch the image URL"
+
+
+def _fetch_reason_for_receiver(reason: str) -> str:
+    if reason.startswith("refused: "):
+        # "<host> resolves to <address>: loopback address refused", "(cloud metadata endpoint)", "port 22
+        # is not allowed" (it depends on the allowlist)...: each tells a tenant how the worker's DNS and
+        # network see a name it chose.
+        return reason if _URL_TEXT_REFUSAL.match(reason) else HOST_NOT_ALLOWED
+    if reason.startswith(("could not resolve ", "network error: ")):
+        # Whether an internal name resolves, and whether a port behind the allowlist answers.
+        return COULD_NOT_FETCH
+    return reason  # HTTP status, size, timeout, redirects, not an image: about the platform's own URL
+
+
+def error_for_receiver(error: str | None) -> str | None:
+    """``check.error`` as a ``check.failed`` payload carries it: the detail of address refusals and of
+    resolution and connection failures is replaced by a generic reason. The stored error (the operator's
+    ``checks`` listing, the worker log) keeps it."""
+    if error is None:
+        return None
+    found = [(error.find(marker), marker) for marker in _FETCH_FAILURE_MARKERS if marker in error]
+    if not found:
+        return error
+    start, marker = min(found)
+    head = start + len(marker)
+    return error[:head] + _fetch_reason_for_receiver(error[head:])
 
 
 def message_id_for(check_id: uuid.UUID, event_key: str) -> str:
@@ -60,7 +103,7 @@ def _event_data(check: Check, verdict: Verdict | None, *, review: Review | None 
             external_id=check.external_id,
             client=check.client,
             status=check.status,
-            error=check.error,
+            error=error_for_receiver(check.error),
         )
     review_data = None
     if review is not None:
@@ -69,7 +112,7 @@ def _event_data(check: Check, verdict: Verdict | None, *, review: Review | None 
             "review_id": str(review.id),
             "previous_verdict": review.previous_verdict,
             "new_verdict": review.new_verdict,
-            "reviewed_at": as_utc(review.created_at).isoformat(),
+            "reviewed_at": timestamp_text(as_utc(review.created_at)),
         }
     return CheckEventData(
         check_id=str(check.id),

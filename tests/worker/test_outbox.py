@@ -6,6 +6,8 @@ Real PostgreSQL, schema from Alembic. Nothing is sent here (see test_webhooks_de
 from __future__ import annotations
 
 import json
+import re
+import socket
 import uuid
 
 import pytest
@@ -15,8 +17,9 @@ from db import queries
 from db.session import session_scope
 from db.tables import Check, Client, Review, Verdict
 from db.webhook_tables import WebhookDelivery
-from tests.worker.webhook_helpers import add_checked_image
+from tests.worker.webhook_helpers import add_checked_image, run_receiver
 from worker import outbox
+from worker.fetch import FetchError, fetch_image
 from worker.webhook_endpoints import create_endpoint, set_endpoint_enabled
 from worker.webhooks import PAYLOAD_MAX_BYTES, SecretCipher
 
@@ -142,8 +145,12 @@ def test_review_event(pg_session_factory, settings):
             ("check.reviewed", endpoint_id),
             ("check.reviewed", None),  # the verdict changed: the callback hears about it
         ]
-        data = json.loads(rows[0].payload)["data"]
+        payload = json.loads(rows[0].payload)
+        data = payload["data"]
         assert data["verdict"] == "real" and data["decided_by"] == "review"
+        # Every timestamp of a payload is written alike: UTC with milliseconds and a Z.
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", data["review"]["reviewed_at"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", payload["timestamp"])
         assert data["review"]["previous_verdict"] == "generated"
         assert "alice" not in rows[0].payload and "painting" not in rows[0].payload
 
@@ -201,3 +208,123 @@ def test_review_check_stores_the_review_and_its_event_together(pg_session_factor
         assert json.loads(row.payload)["data"]["verdict"] == "real"
     with session_scope(pg_session_factory) as session:
         assert session.get_one(Check, check_id).reviewed_verdict == "real"
+
+
+# --- check.failed: what the payload says about fetch failures ---------------------------------------------
+
+
+@pytest.fixture
+def receiver():
+    yield from run_receiver()
+
+
+def _fetch_reason(settings, url, *, resolver=None, allow="", **update):
+    """The reason worker/fetch.py (and netguard under it) gives for ``url``: the real wording."""
+    fetch_settings = settings.model_copy(
+        update={"allow_private_hosts": allow, "fetch_timeout_s": 5.0, **update}
+    )
+    with pytest.raises(FetchError) as excinfo:
+        fetch_image(url, fetch_settings, resolver=resolver)
+    return excinfo.value.reason
+
+
+def _failed_event_error(factory, error):
+    """The error in the check.failed payload of a check stored as failed with ``error``, and the stored one.
+    The client needs an endpoint subscribed to check.failed (the ``failed_endpoint`` fixture)."""
+    with session_scope(factory) as session:
+        check, _ = add_checked_image(session)
+        check.status, check.error, check.verdict_id = "failed", error, None
+        (row,) = _rows(session, outbox.record_check_failed(session, check))
+        return json.loads(row.payload)["data"]["error"], session.get_one(Check, check.id).error
+
+
+@pytest.fixture
+def failed_endpoint(pg_clean, pg_session_factory, settings):
+    return _endpoint(pg_session_factory, settings, events=["check.failed"])
+
+
+def _no_such_name(host, port):
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+def _resolves_to(address):
+    return lambda host, port: [address]
+
+
+@pytest.mark.parametrize(
+    ("url", "resolver", "hidden"),
+    [
+        # A name the worker's DNS maps to loopback (the review's repro).
+        ("http://vm:8080/a.png", _resolves_to("127.0.0.1"), ["vm ", "127.0.0.1"]),
+        # A name resolving to a private address.
+        ("http://db.internal/a.png", _resolves_to("10.1.2.3"), ["db.internal", "10.1.2.3"]),
+        # The cloud metadata address, named or literal.
+        ("http://meta/a.png", _resolves_to("169.254.169.254"), ["169.254.169.254"]),
+        ("http://169.254.169.254/latest", None, ["metadata"]),
+        # A port refused only because the host is not allowlisted.
+        ("http://images.example.com:22/a.png", _resolves_to("93.184.215.14"), ["port 22"]),
+    ],
+    ids=["loopback-name", "private-name", "metadata-name", "metadata-literal", "port"],
+)
+@pytest.mark.usefixtures("failed_endpoint")
+def test_check_failed_hides_how_the_worker_refuses_hosts(pg_session_factory, settings, url, resolver, hidden):
+    stored = f"fetch failed: {_fetch_reason(settings, url, resolver=resolver)}"
+    sent, kept = _failed_event_error(pg_session_factory, stored)
+    assert sent == "fetch failed: refused: the image URL's host is not allowed"
+    for detail in hidden:
+        assert detail in stored and detail not in sent, detail
+    assert kept == stored  # the operator's view keeps the detail
+
+
+@pytest.mark.usefixtures("failed_endpoint")
+def test_check_failed_hides_whether_a_name_resolves(pg_session_factory, settings):
+    stored = (
+        f"fetch failed: {_fetch_reason(settings, 'http://secret-svc.corp/a.png', resolver=_no_such_name)}"
+    )
+    assert "could not resolve 'secret-svc.corp'" in stored
+    sent, kept = _failed_event_error(pg_session_factory, stored)
+    assert sent == "fetch failed: could not fetch the image URL"
+    assert kept == stored
+
+
+@pytest.mark.usefixtures("failed_endpoint")
+def test_check_failed_hides_connection_failures_behind_the_allowlist(pg_session_factory, settings):
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    reason = _fetch_reason(settings, f"http://127.0.0.1:{port}/a.png", allow="127.0.0.1")
+    assert reason.startswith("network error: ")
+    sent, _ = _failed_event_error(pg_session_factory, f"fetch failed: {reason}")
+    assert sent == "fetch failed: could not fetch the image URL"
+
+
+@pytest.mark.usefixtures("failed_endpoint")
+def test_check_failed_keeps_errors_about_the_platforms_own_url(pg_session_factory, settings, receiver):
+    receiver.expect_request("/missing.png").respond_with_data("no", status=404)
+    receiver.expect_request("/big.png").respond_with_data(b"x" * 5000, content_type="image/png")
+    not_found = _fetch_reason(settings, receiver.url_for("/missing.png"), allow="127.0.0.1")
+    too_large = _fetch_reason(settings, receiver.url_for("/big.png"), allow="127.0.0.1", fetch_max_bytes=1000)
+    scheme = _fetch_reason(settings, "ftp://images.example.com/a.png")
+    assert not_found.startswith("server answered HTTP 404") and too_large.startswith("response too large")
+    assert scheme.startswith("refused: scheme 'ftp'")
+    for error in (
+        f"fetch failed: {not_found}",
+        f"fetch failed: {too_large}",
+        f"fetch failed: {scheme}",
+        "not analysable: not an image (unknown format)",
+    ):
+        sent, _ = _failed_event_error(pg_session_factory, error)
+        assert sent == error
+
+
+@pytest.mark.usefixtures("failed_endpoint")
+def test_check_failed_hides_the_detail_inside_a_final_failure_that_quotes_it(pg_session_factory, settings):
+    waiting = (
+        f"fetch failed, will retry: {_fetch_reason(settings, 'http://vm/a.png', resolver=_no_such_name)}"
+    )
+    error = f"dead-lettered: processing was started 5 times without finishing; last error: {waiting}"
+    sent, _ = _failed_event_error(pg_session_factory, error)
+    assert sent == (
+        "dead-lettered: processing was started 5 times without finishing; last error: "
+        "fetch failed, will retry: could not fetch the image URL"
+    )
