@@ -38,9 +38,7 @@ __all__ = [
     "list_endpoints",
     "reveal_client_secret",
     "rotate_client_secret",
-    "rotate_client_secret_detailed",
     "rotate_endpoint_secret",
-    "rotate_endpoint_secret_detailed",
     "set_endpoint_enabled",
 ]
 
@@ -168,7 +166,7 @@ def create_endpoint(
     return endpoint, secret
 
 
-def rotate_endpoint_secret_detailed(
+def rotate_endpoint_secret(
     session: Session, cipher: SecretCipher, endpoint_id: str | uuid.UUID, *, overlap_s: float
 ) -> tuple[WebhookEndpoint, SecretRotation]:
     """Give the endpoint a new secret; the old one keeps signing beside it for ``overlap_s`` seconds.
@@ -179,17 +177,6 @@ def rotate_endpoint_secret_detailed(
     """
     endpoint = get_endpoint(session, endpoint_id)
     return endpoint, _rotate(cipher, endpoint, overlap_s)
-
-
-def rotate_endpoint_secret(
-    session: Session, cipher: SecretCipher, endpoint_id: str | uuid.UUID, *, overlap_s: float
-) -> tuple[WebhookEndpoint, str]:
-    """``rotate_endpoint_secret_detailed`` returning the new secret only (the shape worker/cli still uses).
-
-    ``endpoint.previous_secret_expires_at`` is None afterwards when the old secret was dropped at once.
-    """
-    endpoint, rotation = rotate_endpoint_secret_detailed(session, cipher, endpoint_id, overlap_s=overlap_s)
-    return endpoint, rotation.secret
 
 
 def set_endpoint_enabled(
@@ -226,20 +213,15 @@ def reveal_client_secret(session: Session, cipher: SecretCipher, client: str) ->
     return cipher.decrypt(row.secret_encrypted)
 
 
-def rotate_client_secret_detailed(
+def rotate_client_secret(
     session: Session, cipher: SecretCipher, client: str, *, overlap_s: float
 ) -> SecretRotation:
-    """Give ``client`` a new callback signing secret, as ``rotate_endpoint_secret_detailed`` does for an
+    """Give ``client`` a new callback signing secret, as ``rotate_endpoint_secret`` does for an
     endpoint (newest two kept; an undecryptable old secret dropped). A client without one gets its first."""
     row, created = _client_secret_row(session, cipher, client)
     if created:
         return SecretRotation(secret=cipher.decrypt(row.secret_encrypted), previous_signs_until=None)
     return _rotate(cipher, row, overlap_s)
-
-
-def rotate_client_secret(session: Session, cipher: SecretCipher, client: str, *, overlap_s: float) -> str:
-    """``rotate_client_secret_detailed`` returning the new secret only (the shape worker/cli still uses)."""
-    return rotate_client_secret_detailed(session, cipher, client, overlap_s=overlap_s).secret
 
 
 def create_ping_delivery(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -69,6 +70,23 @@ def test_adding_a_url_twice_for_a_client_warns_of_double_deliveries(cli):
     assert f"endpoint {first} already sends check.failed to this URL" in twin.stderr
     other_client = cli("add", "https://hooks.example.com/a", "--client", "zeta")
     assert "already sends" not in other_client.stderr
+
+
+def test_rotation_says_what_signs_from_now_on(cli):
+    endpoint_id, _ = _add(cli, "https://hooks.example.com/r")
+    ordinary = cli("rotate-secret", endpoint_id)
+    assert "Both secrets sign every delivery until 20" in ordinary.stderr
+    again = cli("rotate-secret", endpoint_id)
+    assert "the secret from the previous rotation stopped signing now" in again.stderr
+
+    # After a key change the old secrets cannot be decrypted: the rotation must not promise an overlap.
+    other_key = {"SYNTHGUARD_SECRET_KEY": secrets.token_hex(32)}
+    after_key_change = cli("rotate-secret", endpoint_id, **other_key)
+    assert "could not be decrypted" in after_key_change.stderr
+    assert "Both secrets sign" not in after_key_change.stderr
+    cli("client-secret", "acme")
+    rotated_client = cli("client-secret", "acme", "--rotate", **other_key)
+    assert rotated_client.stdout.startswith("whsec_") and "could not be decrypted" in rotated_client.stderr
 
 
 def test_add_list_test_rotate_disable(cli, receiver):

@@ -195,9 +195,10 @@ def test_rotation_signs_with_old_and_new_secret(pg_session_factory, fast, receiv
     receiver.expect_request("/hook").respond_with_handler(script)
     endpoint_id, old_secret = _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
     with session_scope(pg_session_factory) as session:
-        _, new_secret = rotate_endpoint_secret(
+        _, rotation = rotate_endpoint_secret(
             session, SecretCipher(fast.require_secret_key()), endpoint_id, overlap_s=3600
         )
+        new_secret = rotation.secret
     assert new_secret != old_secret
     _, ids = _flag(pg_session_factory)
     drive(pg_session_factory, ids[0], fast)
@@ -239,7 +240,7 @@ def test_client_secret_rotation_signs_callbacks_with_old_and_new_secret(pg_sessi
     cipher = SecretCipher(fast.require_secret_key())
     with session_scope(pg_session_factory) as session:
         old_secret = reveal_client_secret(session, cipher, "acme")
-        new_secret = rotate_client_secret(session, cipher, "acme", overlap_s=3600)
+        new_secret = rotate_client_secret(session, cipher, "acme", overlap_s=3600).secret
     assert new_secret != old_secret
     _, ids = _flag(pg_session_factory, callback_url=receiver.url_for("/cb"))
     drive(pg_session_factory, ids[0], fast)
@@ -374,9 +375,10 @@ def test_secrets_are_neither_in_the_database_nor_in_the_logs(pg_session_factory,
     caplog.set_level(logging.DEBUG)
     endpoint_id, secret = _endpoint(pg_session_factory, fast, receiver.url_for("/hook"))
     with session_scope(pg_session_factory) as session:
-        _, new_secret = rotate_endpoint_secret(
+        _, rotation = rotate_endpoint_secret(
             session, SecretCipher(fast.require_secret_key()), endpoint_id, overlap_s=60
         )
+        new_secret = rotation.secret
     _, ids = _flag(pg_session_factory, callback_url=receiver.url_for("/hook"))
     for delivery_id in ids:
         drive(pg_session_factory, delivery_id, fast)

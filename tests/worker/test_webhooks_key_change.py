@@ -23,9 +23,7 @@ from worker.webhook_endpoints import (
     create_endpoint,
     reveal_client_secret,
     rotate_client_secret,
-    rotate_client_secret_detailed,
     rotate_endpoint_secret,
-    rotate_endpoint_secret_detailed,
 )
 from worker.webhooks import SecretCipher, generate_secret
 
@@ -74,7 +72,9 @@ def test_rotating_an_endpoint_secret_after_a_key_change_restores_deliveries(
     receiver.expect_request("/hook").respond_with_handler(script)
     endpoint_id, _ = _endpoint(pg_session_factory, old_key, receiver.url_for("/hook"))
     with session_scope(pg_session_factory) as session:
-        _, new_secret = rotate_endpoint_secret(session, _cipher(new_key), endpoint_id, overlap_s=86_400)
+        new_secret = rotate_endpoint_secret(session, _cipher(new_key), endpoint_id, overlap_s=86_400)[
+            1
+        ].secret
 
     ids = _event(pg_session_factory)
     steps = drive(pg_session_factory, ids[0], new_key)
@@ -91,12 +91,8 @@ def test_rotating_an_endpoint_secret_after_a_key_change_restores_deliveries(
 def test_the_rotation_says_it_dropped_an_undecryptable_secret(pg_session_factory, old_key, new_key):
     endpoint_id, _ = _endpoint(pg_session_factory, old_key, "https://hooks.example.com/x")
     with session_scope(pg_session_factory) as session:
-        _, after_key_change = rotate_endpoint_secret_detailed(
-            session, _cipher(new_key), endpoint_id, overlap_s=86_400
-        )
-        _, ordinary = rotate_endpoint_secret_detailed(
-            session, _cipher(new_key), endpoint_id, overlap_s=86_400
-        )
+        _, after_key_change = rotate_endpoint_secret(session, _cipher(new_key), endpoint_id, overlap_s=86_400)
+        _, ordinary = rotate_endpoint_secret(session, _cipher(new_key), endpoint_id, overlap_s=86_400)
 
     assert after_key_change.undecryptable_dropped and after_key_change.previous_signs_until is None
     assert not ordinary.undecryptable_dropped and ordinary.previous_signs_until is not None
@@ -110,7 +106,7 @@ def test_rotating_a_client_secret_after_a_key_change_restores_callbacks(
     receiver.expect_request("/cb").respond_with_handler(script)
     with session_scope(pg_session_factory) as session:
         reveal_client_secret(session, _cipher(old_key), "acme")
-        new_secret = rotate_client_secret(session, _cipher(new_key), "acme", overlap_s=86_400)
+        new_secret = rotate_client_secret(session, _cipher(new_key), "acme", overlap_s=86_400).secret
 
     ids = _event(pg_session_factory, callback_url=receiver.url_for("/cb"))
     steps = drive(pg_session_factory, ids[0], new_key)
@@ -119,7 +115,7 @@ def test_rotating_a_client_secret_after_a_key_change_restores_callbacks(
     headers, body = script.requests[0]
     Webhook(new_secret).verify(body, headers)
     with session_scope(pg_session_factory) as session:
-        rotation = rotate_client_secret_detailed(session, _cipher(old_key), "acme", overlap_s=60)
+        rotation = rotate_client_secret(session, _cipher(old_key), "acme", overlap_s=60)
         assert rotation.undecryptable_dropped and rotation.previous_signs_until is None
         assert session.get_one(WebhookClientSecret, "acme").previous_secret_encrypted is None
 
@@ -168,9 +164,9 @@ def test_a_second_rotation_keeps_the_newest_two_secrets(pg_session_factory, old_
     receiver.expect_request("/hook").respond_with_handler(script)
     endpoint_id, original = _endpoint(pg_session_factory, old_key, receiver.url_for("/hook"))
     with session_scope(pg_session_factory) as session:
-        _, first = rotate_endpoint_secret_detailed(session, _cipher(old_key), endpoint_id, overlap_s=3600)
+        _, first = rotate_endpoint_secret(session, _cipher(old_key), endpoint_id, overlap_s=3600)
     with session_scope(pg_session_factory) as session:
-        _, second = rotate_endpoint_secret_detailed(session, _cipher(old_key), endpoint_id, overlap_s=3600)
+        _, second = rotate_endpoint_secret(session, _cipher(old_key), endpoint_id, overlap_s=3600)
     assert not first.overlapping_dropped  # the original had no overlap running
     assert second.overlapping_dropped  # the original was still signing until this rotation
 
@@ -188,8 +184,6 @@ def test_a_second_rotation_keeps_the_newest_two_secrets(pg_session_factory, old_
 def test_a_rotation_without_overlap_keeps_no_previous_secret(pg_session_factory, old_key):
     endpoint_id, _ = _endpoint(pg_session_factory, old_key, "https://hooks.example.com/x")
     with session_scope(pg_session_factory) as session:
-        endpoint, rotation = rotate_endpoint_secret_detailed(
-            session, _cipher(old_key), endpoint_id, overlap_s=0
-        )
+        endpoint, rotation = rotate_endpoint_secret(session, _cipher(old_key), endpoint_id, overlap_s=0)
         assert rotation.previous_signs_until is None and not rotation.undecryptable_dropped
         assert endpoint.previous_secret_encrypted is None

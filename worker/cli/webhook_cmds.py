@@ -37,6 +37,7 @@ from worker.webhook_delivery import (
 )
 from worker.webhook_endpoints import (
     EndpointError,
+    SecretRotation,
     create_endpoint,
     create_ping_delivery,
     list_endpoints,
@@ -320,14 +321,36 @@ def rotate_secret_cmd(endpoint_id: str) -> None:
     cipher = _cipher(settings)
     with _database(settings) as factory, session_scope(factory) as session:
         try:
-            endpoint, secret = rotate_endpoint_secret(
+            _, rotation = rotate_endpoint_secret(
                 session, cipher, endpoint_id, overlap_s=settings.webhook_secret_overlap_s
             )
         except EndpointError as exc:
             raise click.ClickException(escape_controls(str(exc))) from None
-        until = _iso(endpoint.previous_secret_expires_at)
-    click.echo(f"secret:   {secret}")
-    click.echo(f"Both secrets sign every delivery until {until}; switch the receiver before then.", err=True)
+    click.echo(f"secret:   {rotation.secret}")
+    _explain_rotation(rotation)
+
+
+def _explain_rotation(rotation: SecretRotation) -> None:
+    """What the receiver must do now; on stderr, so the secret alone can be captured from stdout."""
+    if rotation.undecryptable_dropped:
+        click.echo(
+            "The old secret could not be decrypted with the current SYNTHGUARD_SECRET_KEY and was dropped: "
+            "only the new secret signs from now on; give it to the receiver now.",
+            err=True,
+        )
+    elif rotation.previous_signs_until is None:
+        click.echo("Only the new secret signs from now on; give it to the receiver now.", err=True)
+    else:
+        until = _iso(rotation.previous_signs_until)
+        click.echo(
+            f"Both secrets sign every delivery until {until}; switch the receiver before then.", err=True
+        )
+    if rotation.overlapping_dropped:
+        click.echo(
+            "warning: the secret from the previous rotation stopped signing now; "
+            "receivers still using it fail verification.",
+            err=True,
+        )
 
 
 @webhooks.command("client-secret")
@@ -340,14 +363,17 @@ def client_secret_cmd(client_name: str, rotate: bool) -> None:
     with _database(settings) as factory, session_scope(factory) as session:
         try:
             if rotate:
-                secret = rotate_client_secret(
+                rotation = rotate_client_secret(
                     session, cipher, client_name, overlap_s=settings.webhook_secret_overlap_s
                 )
+                secret = rotation.secret
             else:
-                secret = reveal_client_secret(session, cipher, client_name)
+                rotation, secret = None, reveal_client_secret(session, cipher, client_name)
         except SecretError as exc:
             raise click.ClickException(escape_controls(str(exc))) from None
     click.echo(secret)
+    if rotation is not None:
+        _explain_rotation(rotation)
 
 
 @webhooks.command("deliveries")
