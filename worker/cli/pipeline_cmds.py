@@ -617,6 +617,10 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
         raise click.ClickException(str(exc)) from None
     factory = open_database(settings, migrate=False)
     refuse_a_key_that_does_not_decrypt(factory, secret_key)
+    # Closed now, not when the command returns: the worker runs for weeks, and its pool children would inherit
+    # the idle connection's socket (each child opens its own; WorkerRuntime disposes the pool after fork).
+    engine = factory.kw["bind"]
+    engine.dispose()
     from worker.app import create_celery_app, verify_detector  # noqa: PLC0415
 
     # Load the weights once before forking (in a subprocess, so this process never runs torch): a missing or
