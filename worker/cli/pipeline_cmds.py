@@ -707,33 +707,37 @@ def db_upgrade(database: str | None) -> None:
 
 # --- review listings ------------------------------------------------------------------------------------
 
-_RELATIVE_SINCE: Final = re.compile(r"^(\d+)([smhdw])$")
+_RELATIVE_AGE: Final = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def _since_age(amount: int, unit: str) -> datetime:
+def parse_moment(value: str, *, param_hint: str, now: datetime | None = None) -> datetime:
+    """An ISO 8601 time (UTC when no zone is given) or an age before ``now``: ``30m``, ``1.5h``, ``7d``.
+
+    The one parser of every ``--since``-like option, so each refuses an age past year 1 with a sentence.
+    """
+    text = value.strip()
+    match = _RELATIVE_AGE.match(text.lower())
+    if match:
+        amount, unit = match.group(1), _UNITS[match.group(2)]
+        try:
+            return (now or utcnow()) - timedelta(**{unit: float(amount)})
+        except OverflowError:
+            raise click.BadParameter(
+                f"an age of {amount} {unit} reaches before year 1; use a smaller age", param_hint=param_hint
+            ) from None
     try:
-        return utcnow() - timedelta(**{unit: amount})
-    except OverflowError:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
         raise click.BadParameter(
-            f"an age of {amount} {unit} reaches before year 1; use a smaller age", param_hint="--since"
+            f"{value!r} is neither an age like 30m, 24h, 7d nor an ISO 8601 time", param_hint=param_hint
         ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def parse_since(value: str | None) -> datetime | None:
-    """An ISO date/time (UTC if no zone) or a relative age such as 30m, 24h, 7d."""
-    if value is None:
-        return None
-    match = _RELATIVE_SINCE.match(value.strip())
-    if match:
-        return _since_age(int(match.group(1)), _UNITS[match.group(2)])
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(
-            "use an ISO date/time or an age like 30m, 24h, 7d", param_hint="--since"
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    """``--since``: None when not given, else :func:`parse_moment`."""
+    return None if value is None else parse_moment(value, param_hint="--since")
 
 
 VERDICT_COLUMNS: Final = ("check_id", "client", "external_id", "verdict", "score", "model", "created_at")

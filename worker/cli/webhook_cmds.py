@@ -7,11 +7,10 @@ never written to logs.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Final
 
 import click
@@ -24,7 +23,12 @@ from db.session import make_engine, make_session_factory, session_scope
 from db.webhook_tables import WebhookDelivery, WebhookEndpoint
 from worker import netguard
 from worker.cli.clients_cmds import check_client_name
-from worker.cli.pipeline_cmds import escape_controls, note_if_truncated, refuse_missing_sqlite_file
+from worker.cli.pipeline_cmds import (
+    escape_controls,
+    note_if_truncated,
+    parse_moment,
+    refuse_missing_sqlite_file,
+)
 from worker.settings import Settings, SettingsError, load_settings
 from worker.webhook_delivery import (
     DELIVER_WEBHOOK_TASK,
@@ -49,9 +53,6 @@ from worker.webhook_endpoints import (
 from worker.webhooks import EVENT_TYPES, SecretCipher, SecretError
 
 __all__ = ["register"]
-
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def _settings() -> Settings:
@@ -83,17 +84,8 @@ def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
 
 
 def parse_since(value: str, *, now: datetime | None = None) -> datetime:
-    """``2h``, ``30m``, ``7d`` (ago) or an ISO 8601 time (UTC when no zone is given)."""
-    match = _RELATIVE.match(value.strip().lower())
-    if match:
-        return (now or utcnow()) - timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
-    try:
-        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is neither a duration like 2h/30m/7d nor an ISO 8601 time"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    """``--failed-since``: :func:`parse_moment`."""
+    return parse_moment(value, param_hint="--failed-since", now=now)
 
 
 def _split_events(values: Sequence[str]) -> list[str] | None:
