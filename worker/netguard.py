@@ -46,6 +46,7 @@ import httpx
 
 __all__ = [
     "ALLOWED_SCHEMES",
+    "CLOUD_METADATA_REASON",
     "ForbiddenTargetError",
     "HostAllowlist",
     "HostResolutionError",
@@ -112,6 +113,10 @@ _NAT64_NETS: Final = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Netwo
 _V4_COMPATIBLE: Final = ipaddress.IPv6Network("::/96")
 
 
+#: How a cloud metadata address is named in refusals; the CLI gives such a URL its own hint.
+CLOUD_METADATA_REASON: Final = "cloud metadata endpoint"
+
+
 class ForbiddenTargetError(Exception):
     """The URL or one of the addresses it resolves to may not be contacted. ``reason`` reads as a sentence."""
 
@@ -157,7 +162,7 @@ def is_forbidden_address(ip: str | IPAddress) -> str | None:
     except ValueError:
         return "not an IP address"
     if address in _CLOUD_METADATA:
-        return "cloud metadata endpoint"
+        return CLOUD_METADATA_REASON
     if isinstance(address, ipaddress.IPv6Address):
         if address.scope_id:
             return "scoped (interface-bound) IPv6 address"
@@ -331,7 +336,7 @@ def check_url(
             raise ForbiddenTargetError(f"{host} resolves to {address_text!r}, not an IP address") from None
         if host_allowed:
             if address in _CLOUD_METADATA and not allow.allows_address(address):
-                raise ForbiddenTargetError(f"{host} resolves to {address} (cloud metadata endpoint)")
+                raise ForbiddenTargetError(f"{host} resolves to {address} ({CLOUD_METADATA_REASON})")
             continue
         reason = is_forbidden_address(address_text)
         if reason is None:

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Final
+from typing import Any
 
 import click
 import sqlalchemy as sa
@@ -143,15 +143,11 @@ def _delivery_row(delivery: WebhookDelivery) -> dict[str, Any]:
     }
 
 
-# How netguard names a cloud metadata address in a refusal (is_forbidden_address, check_url).
-_METADATA_REFUSAL: Final = "cloud metadata endpoint"
-
-
 def _warn_if_refused(url: str, settings: Settings) -> None:
     try:
         netguard.check_url(url, netguard.HostAllowlist.parse(settings.allow_private_hosts))
     except netguard.ForbiddenTargetError as exc:
-        if _METADATA_REFUSAL in exc.reason:
+        if netguard.CLOUD_METADATA_REASON in exc.reason:
             # The allowlist hint would be wrong twice: a range does not open a metadata address (only an exact
             # entry does), and opening one would post events to the service that hands out cloud credentials.
             hint = "a cloud metadata address is never a webhook receiver; register the receiver's own URL"
