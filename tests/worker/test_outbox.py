@@ -17,7 +17,7 @@ from db import queries
 from db.session import session_scope
 from db.tables import Check, Client, Review, Verdict
 from db.webhook_tables import WebhookDelivery
-from tests.worker.webhook_helpers import add_checked_image, run_receiver
+from tests.worker.webhook_helpers import add_checked_image
 from worker import outbox
 from worker.fetch import FetchError, fetch_image
 from worker.webhook_endpoints import create_endpoint, set_endpoint_enabled
@@ -211,11 +211,6 @@ def test_review_check_stores_the_review_and_its_event_together(pg_session_factor
 
 
 # --- check.failed: what the payload says about fetch failures ---------------------------------------------
-
-
-@pytest.fixture
-def receiver():
-    yield from run_receiver()
 
 
 def _fetch_reason(settings, url, *, resolver=None, allow="", **update):

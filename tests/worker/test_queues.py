@@ -19,7 +19,7 @@ from PIL import Image
 from db.session import session_scope
 from db.tables import Check
 from db.webhook_tables import WebhookAttempt
-from tests.worker.webhook_helpers import Script, add_checked_image, fast_settings, run_receiver
+from tests.worker.webhook_helpers import Script, add_checked_image, fast_settings
 from tests.workers import in_process_worker
 from worker import outbox
 from worker.webhook_endpoints import create_endpoint
@@ -29,11 +29,6 @@ pytestmark = pytest.mark.usefixtures("pg_clean")
 
 BACKLOG = 6
 WAIT_S = 300.0
-
-
-@pytest.fixture
-def receiver():
-    yield from run_receiver()
 
 
 def _png_b64(seed: int) -> str:

@@ -15,16 +15,11 @@ from standardwebhooks.webhooks import Webhook
 
 from db.session import session_scope
 from db.webhook_tables import WebhookAttempt, WebhookDelivery
-from tests.worker.webhook_helpers import Script, add_checked_image, drive, fast_settings, run_receiver
+from tests.worker.webhook_helpers import Script, add_checked_image, drive, fast_settings
 from worker import outbox
 from worker.cli.webhook_cmds import parse_since, webhooks
 
 pytestmark = pytest.mark.usefixtures("pg_clean")
-
-
-@pytest.fixture
-def receiver():
-    yield from run_receiver()
 
 
 @pytest.fixture

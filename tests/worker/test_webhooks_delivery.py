@@ -20,7 +20,6 @@ from tests.worker.webhook_helpers import (
     drive,
     fast_settings,
     load_delivery,
-    run_receiver,
 )
 from worker import outbox
 from worker.webhook_delivery import deliver_now, redeliver
@@ -33,16 +32,6 @@ from worker.webhook_endpoints import (
 from worker.webhooks import SecretCipher, generate_secret
 
 pytestmark = pytest.mark.usefixtures("pg_clean")
-
-
-@pytest.fixture
-def receiver():
-    yield from run_receiver()
-
-
-@pytest.fixture
-def fast(settings):
-    return fast_settings(settings)
 
 
 def _endpoint(factory, settings, url, *, client="acme", events=None):

@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook
 from db.session import session_scope
 from db.tables import Check, Client
 from db.webhook_tables import WebhookDelivery
-from tests.worker.webhook_helpers import Script, run_receiver
+from tests.worker.webhook_helpers import Script
 from worker.webhook_endpoints import reveal_client_secret
 from worker.webhooks import SecretCipher
 
@@ -46,11 +46,6 @@ def celery_app(settings):
     )
     yield app
     runtime_for(app).engine.dispose()
-
-
-@pytest.fixture
-def receiver():
-    yield from run_receiver()
 
 
 def _png() -> str:

@@ -16,7 +16,7 @@ from werkzeug import Request, Response
 
 from db.session import session_scope
 from db.webhook_tables import WebhookDelivery
-from tests.worker.webhook_helpers import add_checked_image, drive, fast_settings, load_delivery, run_receiver
+from tests.worker.webhook_helpers import add_checked_image, drive, fast_settings, load_delivery
 from worker import outbox, webhook_delivery, webhooks
 from worker.webhook_delivery import deliver_now
 from worker.webhook_endpoints import create_endpoint, create_ping_delivery
@@ -25,16 +25,6 @@ from worker.webhooks import SecretCipher
 pytestmark = pytest.mark.usefixtures("pg_clean")
 
 ANSWER = b'{"received": true}'
-
-
-@pytest.fixture
-def receiver():
-    yield from run_receiver()
-
-
-@pytest.fixture
-def fast(settings):
-    return fast_settings(settings)
 
 
 class Answering:

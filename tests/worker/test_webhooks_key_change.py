@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from db.base import utcnow
 from db.session import session_scope
 from db.webhook_tables import WebhookClientSecret, WebhookEndpoint
-from tests.worker.webhook_helpers import Script, add_checked_image, drive, fast_settings, run_receiver
+from tests.worker.webhook_helpers import Script, add_checked_image, drive, fast_settings
 from worker import outbox
 from worker.webhook_endpoints import (
     create_endpoint,
@@ -30,11 +30,6 @@ from worker.webhooks import SecretCipher, generate_secret
 pytestmark = pytest.mark.usefixtures("pg_clean")
 
 DECRYPT_ERROR = "cannot decrypt a stored webhook secret: was SYNTHGUARD_SECRET_KEY changed?"
-
-
-@pytest.fixture
-def receiver():
-    yield from run_receiver()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from standardwebhooks.webhooks import Webhook
 
 from db.session import session_scope
 from db.webhook_tables import WebhookDelivery
-from tests.worker.webhook_helpers import Script, add_checked_image, fast_settings, run_receiver
+from tests.worker.webhook_helpers import Script, add_checked_image, fast_settings
 from tests.workers import in_process_worker
 from worker import outbox
 from worker.webhook_endpoints import create_endpoint
@@ -24,11 +24,6 @@ from worker.webhooks import SecretCipher
 pytestmark = pytest.mark.usefixtures("pg_clean")
 
 WAIT_S = 60.0
-
-
-@pytest.fixture
-def receiver():
-    yield from run_receiver()
 
 
 @pytest.fixture(scope="module")
