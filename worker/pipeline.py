@@ -150,7 +150,7 @@ def claim(session: Session, check_ids: Sequence[uuid.UUID], settings: Settings) 
                 f"(limit SYNTHGUARD_MAX_ATTEMPTS={settings.max_attempts}); the image may crash the worker"
             )
             # An earlier attempt may have stored why it did not finish (e.g. a fetch to retry): keep it.
-            _store_failure(
+            _record_failure(  # the row is locked and unfinished: selected FOR UPDATE by status above
                 session,
                 check,
                 f"{reason}; last error: {check.error}" if check.error else reason,
@@ -467,8 +467,14 @@ def _store_done(
 def _store_failure(
     session: Session, check: Check, reason: str, settings: Settings, result: PipelineResult
 ) -> None:
-    if not _lock_unfinished(session, check):
-        return
+    if _lock_unfinished(session, check):
+        _record_failure(session, check, reason, settings, result)
+
+
+def _record_failure(
+    session: Session, check: Check, reason: str, settings: Settings, result: PipelineResult
+) -> None:
+    """Fail ``check``, whose row the caller holds locked and found unfinished (claim, fail_checks)."""
     _fail(check, reason, settings)
     session.flush()
     result.delivery_ids += outbox.record_check_failed(session, check)
@@ -496,7 +502,7 @@ def fail_checks(
         .with_for_update()
     ).all():
         detail = f"{reason}: {check.error}" if check.error else reason
-        _store_failure(session, check, detail, settings, result)
+        _record_failure(session, check, detail, settings, result)
     return result.delivery_ids
 
 
