@@ -279,10 +279,9 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def kill_child(self, *, all_children: bool = False) -> list[int]:
-        """kill -9 one pool process (the oldest), or all of them."""
+    def kill_pool(self) -> list[int]:
+        """kill -9 every pool process (the main process stays and starts new ones)."""
         pids = sorted(self.pool_pids())
-        pids = pids if all_children else pids[:1]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -511,7 +510,11 @@ def drill_env(tag: str, workdir: Path | None = None, **kwargs: Any) -> Iterator[
 
 
 def drill_child_kill(workdir: Path | None = None, n: int = 24, kills: int = 2) -> DrillResult:
-    """kill -9 a pool process mid-batch, twice: acks_late + reject_on_worker_lost redeliver at once."""
+    """kill -9 the pool processes mid-batch, twice: acks_late + reject_on_worker_lost redeliver at once.
+
+    Every pool process is killed, not one: with two children, one may be idle between batches at the moment
+    of the kill (seen in CI), and then the drill proved nothing. The main process stays and starts new ones.
+    """
     with drill_env("child_kill", workdir) as env:
         worker = env.worker(concurrency=2)
         ids = env.submit(make_images(n, seed=1))
@@ -520,12 +523,12 @@ def drill_child_kill(workdir: Path | None = None, n: int = 24, kills: int = 2) -
         for _ in range(kills):
             env.wait_any(ids, "processing", timeout=60)
             time.sleep(0.05)
-            killed += worker.kill_child()
+            killed += worker.kill_pool()
             fault_at = time.monotonic()
             time.sleep(1.0)
         env.wait_finished(ids)
         recovery = time.monotonic() - fault_at
-        result = env.result("worker child kill -9 (x2)", ids, recovery, f"killed pids {killed}")
+        result = env.result("every pool process kill -9 (x2)", ids, recovery, f"killed pids {killed}")
         result.details["worker_alive"] = worker.alive()
         return result
 
