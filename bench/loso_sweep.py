@@ -49,6 +49,10 @@ LOCAL40: dict[str, Any] = {"net": NetConfig(local_head=1)}
 #: Every reconstruction drawn brings its real photo, cropped alike (`TrainConfig.paired_reconstructions`).
 PAIRED: dict[str, Any] = {"paired_reconstructions": True}
 
+#: The last 40% of the steps at a held learning rate, their weights averaged
+#: (`TrainConfig.average_weights_from`).
+AVERAGED: dict[str, Any] = {"average_weights_from": 0.6}
+
 #: Recipe name -> changes to the shipped `TrainConfig`. `shipped` is the recipe of the committed weights.
 RECIPES: dict[str, dict[str, Any]] = {
     # The shipped recipe (`TrainConfig()`'s defaults): synthguard-v1 1.2.0's since 2026-12-07. The tables of
@@ -160,6 +164,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paired_init1": {**PAIRED, "init_seed": 1},
     "paired_recon50": {**PAIRED, "reconstruction_share": 0.5},
     "paired_recon50_init1": {**PAIRED, "reconstruction_share": 0.5, "init_seed": 1},
+    # Session 17: weights averaged over a flat stretch of training (SWA / SWAD), two initial weights.
+    "swa": AVERAGED,
+    "swa_init1": {**AVERAGED, "init_seed": 1},
 }
 
 #: Recipes that change only what happens after training: they reuse the named recipe's fold networks

@@ -238,6 +238,42 @@ def test_init_seed_alone_changes_the_trained_network(tmp_path):
     assert not all(torch.equal(default[k], other[k]) for k in default)
 
 
+def test_averaged_weights_hold_the_learning_rate_and_measure_batch_norm_again(tmp_path):
+    """`average_weights_from`: the schedule stops falling there, later steps are averaged, then batch-norm
+    statistics come from `bn_refresh_batches` fresh batches (not from the training steps)."""
+    manifest = write_tiny_manifest(tmp_path / "data")
+    plain_log: list[str] = []
+    averaged_log: list[str] = []
+    plain = train(
+        manifest,
+        tmp_path / "plain",
+        replace(TINY, steps=4),
+        cache_dir=tmp_path / "cache",
+        log=plain_log.append,
+    )
+    averaged = train(
+        manifest,
+        tmp_path / "averaged",
+        replace(TINY, steps=4, average_weights_from=0.5, bn_refresh_batches=5),
+        cache_dir=tmp_path / "cache",
+        log=averaged_log.append,
+    )
+    # Step 3 of 4: the cosine schedule is at 2e-3 * (1 + cos(3 pi / 4)) / 2 = 2.93e-4; held from step 2 it
+    # stays at 2e-3 * (1 + cos(pi / 2)) / 2 = 1e-3.
+    assert any(line.startswith("step 3/4 ") and "lr 2.93e-04" in line for line in plain_log)
+    assert any(line.startswith("step 3/4 ") and "lr 1.00e-03" in line for line in averaged_log)
+    assert "averaged the weights of 2 steps" in averaged_log
+    assert not any(line.startswith("averaged") for line in plain_log)
+
+    def batches_tracked(path: Path) -> set[int]:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        return {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+
+    assert batches_tracked(plain) == {4}
+    assert batches_tracked(averaged) == {5}
+    assert detector_from_weights(averaged, device="cpu").model_id
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU training path)")
 def test_training_on_cuda_writes_weights_that_load_on_the_cpu(tmp_path):
     manifest = write_tiny_manifest(tmp_path / "data")
