@@ -153,7 +153,7 @@ def main() -> None:
         )
         engine = make_engine(url)
         factory = make_session_factory(engine)
-        cipher = SecretCipher(settings.require_secret_key())
+        cipher = SecretCipher.from_settings(settings)
         with session_scope(factory) as session:
             create_endpoint(session, cipher, url=f"http://127.0.0.1:{port}/hook", client="bench")
 

@@ -13,7 +13,7 @@ from functools import cached_property
 from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     allow_private_hosts: str = ""
     # Encrypts webhook secrets at rest; required by the commands and tasks that touch webhook secrets.
     secret_key: SecretStr | None = None
+    # Earlier values of secret_key, comma-separated: secrets stored under them still decrypt, so the key can
+    # change without a stop (`synthguard webhooks rekey` then re-encrypts them under secret_key).
+    # NoDecode: the environment value is split by _split_fallback_keys below, never parsed as JSON.
+    secret_key_fallbacks: Annotated[tuple[SecretStr, ...], NoDecode] = ()
 
     model_name: str = "synthguard-v1"
     device: str = "auto"
@@ -194,15 +198,38 @@ class Settings(BaseSettings):
                 "has leading or trailing whitespace (the newline of a secret file?); remove it "
                 "(every process must use the same key)"
             )
-        if _is_placeholder(secret):
-            raise ValueError(f"is a placeholder value; {_GENERATE_KEY_HINT}")
-        if len(secret) < SECRET_KEY_MIN_LEN:
-            raise ValueError(f"is shorter than {SECRET_KEY_MIN_LEN} characters")
-        if len(set(secret)) < SECRET_KEY_MIN_DISTINCT:
-            raise ValueError(
-                f"has fewer than {SECRET_KEY_MIN_DISTINCT} different characters; {_GENERATE_KEY_HINT}"
-            )
+        problem = _weak_key_problem(secret)
+        if problem:
+            raise ValueError(problem)
         return value
+
+    @field_validator("secret_key_fallbacks", mode="before")
+    @classmethod
+    def _split_fallback_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            # Spaces around the commas are separators, not key characters: no key with surrounding
+            # whitespace was ever accepted as SYNTHGUARD_SECRET_KEY, so none can have stored a secret.
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("secret_key_fallbacks")
+    @classmethod
+    def _check_fallback_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for position, key in enumerate(value, start=1):
+            problem = _weak_key_problem(key.get_secret_value())
+            if problem:
+                # By position, never by value: this message is printed and logged.
+                raise ValueError(f"entry {position} {problem}")
+        return value
+
+    @model_validator(mode="after")
+    def _fallbacks_need_a_key(self) -> Settings:
+        if self.secret_key_fallbacks and self.secret_key is None:
+            raise ValueError(
+                f"{ENV_PREFIX}SECRET_KEY_FALLBACKS is set but {ENV_PREFIX}SECRET_KEY is not: the fallbacks "
+                "only decrypt, secrets are stored under SYNTHGUARD_SECRET_KEY"
+            )
+        return self
 
     @field_validator("webhook_retry_delays_s", mode="before")
     @classmethod
@@ -249,6 +276,17 @@ class Settings(BaseSettings):
         return self.secret_key.get_secret_value()
 
 
+def _weak_key_problem(secret: str) -> str | None:
+    """Why ``secret`` is too weak to encrypt webhook secrets with, or None."""
+    if _is_placeholder(secret):
+        return f"is a placeholder value; {_GENERATE_KEY_HINT}"
+    if len(secret) < SECRET_KEY_MIN_LEN:
+        return f"is shorter than {SECRET_KEY_MIN_LEN} characters"
+    if len(set(secret)) < SECRET_KEY_MIN_DISTINCT:
+        return f"has fewer than {SECRET_KEY_MIN_DISTINCT} different characters; {_GENERATE_KEY_HINT}"
+    return None
+
+
 def _is_placeholder(secret: str) -> bool:
     """A placeholder word, alone or padded with digits and punctuation to the length ("password12345678")."""
     return secret.lower().strip(string.digits + string.punctuation) in _PLACEHOLDER_SECRETS
@@ -268,9 +306,11 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"]) or "settings"
             message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+            if error["loc"]:
+                field = ".".join(str(part) for part in error["loc"] if isinstance(part, str))
+                message = f"{ENV_PREFIX}{field.upper()}: {message}"
+            problems.append(message)  # a check across settings names its variables itself
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 

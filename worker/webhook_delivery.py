@@ -318,7 +318,7 @@ def deliver_now(
     """
     if not delivery_ids:
         return []
-    cipher = SecretCipher(settings.require_secret_key())
+    cipher = SecretCipher.from_settings(settings)
     config = DeliveryConfig.from_settings(settings)
     with make_webhook_client(settings.allow_private_hosts, settings.webhook_timeout_s) as client:
         return [deliver_once(session_factory, key, client, cipher, config) for key in delivery_ids]

@@ -31,11 +31,13 @@ from worker.webhooks import (
 
 __all__ = [
     "EndpointError",
+    "Reencryption",
     "SecretRotation",
     "create_endpoint",
     "create_ping_delivery",
     "get_endpoint",
     "list_endpoints",
+    "reencrypt_secrets",
     "reveal_client_secret",
     "rotate_client_secret",
     "rotate_endpoint_secret",
@@ -91,7 +93,8 @@ def _rotate(
     old_decrypts = _decrypts(cipher, row.secret_encrypted)
     secret = generate_secret()
     if old_decrypts and overlap_s > 0:
-        row.previous_secret_encrypted = row.secret_encrypted
+        # Under the current key, so that it keeps signing if the fallback key it may be under is retired.
+        row.previous_secret_encrypted = cipher.reencrypt(row.secret_encrypted)
         row.previous_secret_expires_at = now + timedelta(seconds=overlap_s)
     else:
         row.previous_secret_encrypted = None
@@ -222,6 +225,63 @@ def rotate_client_secret(
     if created:
         return SecretRotation(secret=cipher.decrypt(row.secret_encrypted), previous_signs_until=None)
     return _rotate(cipher, row, overlap_s)
+
+
+@dataclass(frozen=True)
+class Reencryption:
+    """What ``reencrypt_secrets`` did: counts of stored secrets, and the ones no key decrypts.
+
+    ``undecryptable`` names each such secret ("endpoint <id>" or "client <name>", plus "(previous)" for
+    the secret still signing beside a rotated one); their rows are left as they were.
+    """
+
+    reencrypted: int
+    already_current: int
+    undecryptable: tuple[str, ...]
+
+
+def reencrypt_secrets(session: Session, cipher: SecretCipher) -> Reencryption:
+    """Encrypt every stored webhook secret under the cipher's current key.
+
+    For a change of SYNTHGUARD_SECRET_KEY with the old key among the fallbacks. A previous secret whose
+    overlap has ended is left alone: it never signs again. The rows are locked while they are rewritten, so
+    a rotation at the same time waits.
+    """
+    now = utcnow()
+    reencrypted = already_current = 0
+    undecryptable: list[str] = []
+    rows: list[tuple[str, WebhookEndpoint | WebhookClientSecret]] = [
+        (f"endpoint {row.id}", row)
+        for row in session.scalars(sa.select(WebhookEndpoint).order_by(WebhookEndpoint.id).with_for_update())
+    ]
+    rows += [
+        (f"client {row.client}", row)
+        for row in session.scalars(
+            sa.select(WebhookClientSecret).order_by(WebhookClientSecret.client).with_for_update()
+        )
+    ]
+    for label, row in rows:
+        previous_signs = (
+            row.previous_secret_expires_at is not None and as_utc(row.previous_secret_expires_at) > now
+        )
+        for attribute, name in (
+            ("secret_encrypted", label),
+            ("previous_secret_encrypted", f"{label} (previous)"),
+        ):
+            token = getattr(row, attribute)
+            if token is None or (attribute == "previous_secret_encrypted" and not previous_signs):
+                continue
+            if cipher.is_current(token):
+                already_current += 1
+                continue
+            try:
+                setattr(row, attribute, cipher.reencrypt(token))
+            except SecretError:
+                undecryptable.append(name)
+                continue
+            reencrypted += 1
+    session.flush()
+    return Reencryption(reencrypted, already_current, tuple(undecryptable))
 
 
 def create_ping_delivery(

@@ -97,7 +97,7 @@ def deliver_webhook(self: Task[Any, Any], delivery_id: str) -> str:
         runtime.session_factory,
         key,
         _http_client(self.app, settings),
-        SecretCipher(settings.require_secret_key()),
+        SecretCipher.from_settings(settings),
         DeliveryConfig.from_settings(settings),
     )
     log.info("webhook delivery %s: %s (%s)", key, step.status, step.detail or "ok")

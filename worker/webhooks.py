@@ -27,14 +27,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from worker import netguard
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -120,31 +123,64 @@ class SecretCipher:
     """Encrypts webhook secrets for storage, with a key derived from ``settings.secret_key``.
 
     A database dump alone does not reveal the secrets; the deployment's secret key is needed too. HKDF gives
-    a key that is used for nothing else, so the same secret key can serve other purposes safely.
+    a key that is used for nothing else, so the same secret key can serve other purposes safely. Secrets are
+    always encrypted under the current key; the fallback keys (earlier values of it) only decrypt, so the key
+    can change while secrets stored under the old one are still in use (`reencrypt` moves them over).
     """
 
     _INFO: Final = b"synthguard webhook signing secrets v1"
 
-    def __init__(self, secret_key: str) -> None:
+    def __init__(self, secret_key: str, fallback_keys: Sequence[str] = ()) -> None:
         if not secret_key:
             raise SecretError("SYNTHGUARD_SECRET_KEY is empty: webhook secrets cannot be encrypted")
-        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=self._INFO).derive(
+        self._current = Fernet(self._derive(secret_key))
+        # MultiFernet encrypts with the first key and decrypts with whichever of them fits.
+        self._any = MultiFernet([self._current, *(Fernet(self._derive(key)) for key in fallback_keys)])
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SecretCipher:
+        """The cipher of ``settings.secret_key`` and its fallbacks; SettingsError when the key is unset."""
+        fallbacks = [key.get_secret_value() for key in settings.secret_key_fallbacks]
+        return cls(settings.require_secret_key(), fallbacks)
+
+    @classmethod
+    def _derive(cls, secret_key: str) -> bytes:
+        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=cls._INFO).derive(
             secret_key.encode("utf-8")
         )
-        self._fernet = Fernet(base64.urlsafe_b64encode(derived))
+        return base64.urlsafe_b64encode(derived)
 
     def encrypt(self, secret: str) -> str:
         _secret_bytes(secret)  # refuse to store something we could never sign with
-        return self._fernet.encrypt(secret.encode("ascii")).decode("ascii")
+        return self._current.encrypt(secret.encode("ascii")).decode("ascii")
 
     def decrypt(self, token: str) -> str:
         try:
-            return self._fernet.decrypt(token.encode("ascii")).decode("ascii")
+            return self._any.decrypt(token.encode("ascii")).decode("ascii")
         except InvalidToken as exc:
             # Never include the token or the key in the message: this text ends up in attempt rows and logs.
-            raise SecretError(
-                "cannot decrypt a stored webhook secret: was SYNTHGUARD_SECRET_KEY changed?"
-            ) from exc
+            raise SecretError(_UNDECRYPTABLE) from exc
+
+    def is_current(self, token: str) -> bool:
+        """Whether ``token`` is encrypted under the current key (not a fallback, not an unknown key)."""
+        try:
+            self._current.decrypt(token.encode("ascii"))
+        except InvalidToken:
+            return False
+        return True
+
+    def reencrypt(self, token: str) -> str:
+        """``token``'s secret encrypted under the current key; SecretError when no key decrypts it."""
+        try:
+            return self._any.rotate(token.encode("ascii")).decode("ascii")
+        except InvalidToken as exc:
+            raise SecretError(_UNDECRYPTABLE) from exc
+
+
+_UNDECRYPTABLE: Final = (
+    "cannot decrypt a stored webhook secret: was SYNTHGUARD_SECRET_KEY changed? (the key it was stored "
+    "under belongs in SYNTHGUARD_SECRET_KEY_FALLBACKS)"
+)
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:

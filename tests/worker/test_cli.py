@@ -466,7 +466,8 @@ def test_worker_refuses_a_key_that_does_not_decrypt_the_stored_secrets(settings,
     assert refused.exit_code == 1
     assert refused.stderr.strip().splitlines() == [
         "Error: SYNTHGUARD_SECRET_KEY does not decrypt the stored webhook secrets; set the key they were "
-        "stored with (every worker and `synthguard webhooks` command needs the same one)"
+        "stored with, or keep it in SYNTHGUARD_SECRET_KEY_FALLBACKS beside a new key (every worker and "
+        "`synthguard webhooks` command needs the same keys)"
     ]
     assert wrong_key not in refused.output and settings.require_secret_key() not in refused.output
 
@@ -480,6 +481,43 @@ def test_worker_refuses_a_key_that_does_not_decrypt_the_stored_secrets(settings,
 
     started = _run_worker(right)
     assert passed_key_check in started.stderr and "does not decrypt" not in started.stderr, started.output
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_a_key_change_with_the_old_key_as_fallback_then_rekey(settings):
+    """The documented key change: new key, the old one as fallback, workers restart, rekey, fallback gone."""
+    old = _worker_env(settings, "unused")
+    new_key = secrets.token_hex(32)
+    changed = {
+        **old,
+        "SYNTHGUARD_SECRET_KEY": new_key,
+        "SYNTHGUARD_SECRET_KEY_FALLBACKS": old["SYNTHGUARD_SECRET_KEY"],
+    }
+    new_only = {**old, "SYNTHGUARD_SECRET_KEY": new_key}
+    made = run("webhooks", "add", "https://hooks.example.com/in", "--client", "acme", env=old)
+    assert made.exit_code == 0, made.output
+    assert run("webhooks", "client-secret", "acme", env=old).exit_code == 0
+    reminder = "warning: webhook secrets are stored under a key in SYNTHGUARD_SECRET_KEY_FALLBACKS"
+
+    during = _run_worker(changed)
+    assert "checking detector no-such-detector" in during.stderr and reminder in during.stderr, during.output
+    assert "does not decrypt" in _run_worker(new_only).stderr  # without the fallback: refused, as before
+
+    rekeyed = run("webhooks", "rekey", env=changed)
+    assert rekeyed.exit_code == 0, rekeyed.output
+    assert rekeyed.stdout.strip() == "2 secret(s) re-encrypted under SYNTHGUARD_SECRET_KEY, 0 already were"
+    assert "SYNTHGUARD_SECRET_KEY_FALLBACKS can be removed" in rekeyed.stderr
+
+    after = _run_worker(new_only)
+    assert "checking detector no-such-detector" in after.stderr, after.output
+    assert "does not decrypt" not in after.stderr and reminder not in after.stderr
+    assert run("webhooks", "client-secret", "acme", env=new_only).exit_code == 0
+
+    # A secret under a key that is nowhere in the settings: named, left alone, exit status 1.
+    lost = run("webhooks", "rekey", env={**old, "SYNTHGUARD_SECRET_KEY": secrets.token_hex(32)})
+    assert lost.exit_code == 1
+    assert "2 secret(s) decrypt under none of the keys and were left as they were: endpoint " in lost.stderr
+    assert "client acme" in lost.stderr and new_key not in lost.output
 
 
 def test_review_overrides_the_model_verdict(tmp_path, images):

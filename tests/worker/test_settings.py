@@ -118,6 +118,31 @@ def test_strong_secret_keys_are_accepted(key):
     assert load_settings(secret_key=key).require_secret_key() == key
 
 
+def test_fallback_keys_are_split_on_commas_and_checked_like_the_key(monkeypatch):
+    old, older = secrets.token_hex(32), secrets.token_urlsafe(32)
+    monkeypatch.setenv("SYNTHGUARD_SECRET_KEY", secrets.token_hex(32))
+    monkeypatch.setenv("SYNTHGUARD_SECRET_KEY_FALLBACKS", f" {old} ,{older},")
+    assert [key.get_secret_value() for key in load_settings().secret_key_fallbacks] == [old, older]
+
+    monkeypatch.setenv("SYNTHGUARD_SECRET_KEY_FALLBACKS", f"{old},hunter2")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message == (
+        "invalid settings: SYNTHGUARD_SECRET_KEY_FALLBACKS: entry 2 is shorter than 16 characters"
+    )
+    assert old not in message  # by position, never by value
+
+
+def test_fallback_keys_without_a_key_are_refused(monkeypatch):
+    monkeypatch.delenv("SYNTHGUARD_SECRET_KEY", raising=False)
+    monkeypatch.setenv("SYNTHGUARD_SECRET_KEY_FALLBACKS", secrets.token_hex(32))
+    with pytest.raises(
+        SettingsError, match=r"^invalid settings: SYNTHGUARD_SECRET_KEY_FALLBACKS is set but "
+    ):
+        load_settings()
+
+
 def test_an_infinite_duration_in_the_environment_is_refused(monkeypatch):
     monkeypatch.setenv("SYNTHGUARD_RECONCILE_AFTER_S", "inf")
     with pytest.raises(SettingsError, match="SYNTHGUARD_RECONCILE_AFTER_S"):

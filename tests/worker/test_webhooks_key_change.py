@@ -1,7 +1,8 @@
 """Secrets after SYNTHGUARD_SECRET_KEY changed, and rotations that replace a secret still in its overlap.
 
 Real receiver on 127.0.0.1 and real PostgreSQL. Secrets are stored under one key and read under another, as
-when an operator changes or loses the key and rotates every secret to recover.
+when an operator changes or loses the key and rotates every secret to recover, or changes it with the old
+key among the fallbacks and re-encrypts them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tests.worker.webhook_helpers import Script, add_checked_image, drive, fast_
 from worker import outbox
 from worker.webhook_endpoints import (
     create_endpoint,
+    reencrypt_secrets,
     reveal_client_secret,
     rotate_client_secret,
     rotate_endpoint_secret,
@@ -29,7 +31,10 @@ from worker.webhooks import SecretCipher, generate_secret
 
 pytestmark = pytest.mark.usefixtures("pg_clean")
 
-DECRYPT_ERROR = "cannot decrypt a stored webhook secret: was SYNTHGUARD_SECRET_KEY changed?"
+DECRYPT_ERROR = (
+    "cannot decrypt a stored webhook secret: was SYNTHGUARD_SECRET_KEY changed? (the key it was stored under "
+    "belongs in SYNTHGUARD_SECRET_KEY_FALLBACKS)"
+)
 
 
 @pytest.fixture
@@ -44,8 +49,14 @@ def new_key(settings):
     return fast_settings(settings, secret_key=SecretStr(secrets.token_hex(32)))
 
 
+@pytest.fixture
+def new_key_with_fallback(old_key, new_key):
+    """The new key, with the old one in SYNTHGUARD_SECRET_KEY_FALLBACKS."""
+    return new_key.model_copy(update={"secret_key_fallbacks": (old_key.secret_key,)})
+
+
 def _cipher(settings):
-    return SecretCipher(settings.require_secret_key())
+    return SecretCipher.from_settings(settings)
 
 
 def _event(factory, **kwargs):
@@ -182,3 +193,75 @@ def test_a_rotation_without_overlap_keeps_no_previous_secret(pg_session_factory,
         endpoint, rotation = rotate_endpoint_secret(session, _cipher(old_key), endpoint_id, overlap_s=0)
         assert rotation.previous_signs_until is None and not rotation.undecryptable_dropped
         assert endpoint.previous_secret_encrypted is None
+
+
+def test_with_the_old_key_as_fallback_deliveries_go_on_and_rekey_moves_every_secret(
+    pg_session_factory, old_key, new_key, new_key_with_fallback, receiver
+):
+    """A key change without a stop: receivers keep their secrets, nothing fails meanwhile."""
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    receiver.expect_request("/cb").respond_with_handler(script)
+    endpoint_id, endpoint_secret = _endpoint(pg_session_factory, old_key, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        client_secret = reveal_client_secret(session, _cipher(old_key), "acme")
+        reveal_client_secret(session, _cipher(new_key), "beta")  # already under the new key
+        # A rotation under the old key: its previous secret is under the old key too, and still signing.
+        _, rotation = rotate_endpoint_secret(session, _cipher(old_key), endpoint_id, overlap_s=3600)
+
+    ids = _event(pg_session_factory, callback_url=receiver.url_for("/cb"))
+    for delivery_id in ids:
+        steps = drive(pg_session_factory, delivery_id, new_key_with_fallback)
+        assert [s.status for s in steps] == ["succeeded"], steps
+
+    with session_scope(pg_session_factory) as session:
+        result = reencrypt_secrets(session, _cipher(new_key_with_fallback))
+    assert (result.reencrypted, result.already_current, result.undecryptable) == (3, 1, ())
+    with session_scope(pg_session_factory) as session:
+        assert reencrypt_secrets(session, _cipher(new_key_with_fallback)).reencrypted == 0  # idempotent
+        # The secrets did not change, only the key they are stored under: the new key alone decrypts them.
+        assert reveal_client_secret(session, _cipher(new_key), "acme") == client_secret
+
+    ids = _event(pg_session_factory, callback_url=receiver.url_for("/cb"))
+    for delivery_id in ids:
+        steps = drive(pg_session_factory, delivery_id, new_key)
+        assert [s.status for s in steps] == ["succeeded"], steps
+    assert len(script.requests) == 4
+    for headers, body in script.requests:
+        signatures = headers["webhook-signature"].split(" ")
+        if len(signatures) == 2:  # the endpoint: its rotated secret and the one still in its overlap
+            Webhook(rotation.secret).verify(body, headers)
+            Webhook(endpoint_secret).verify(body, headers)
+        else:
+            Webhook(client_secret).verify(body, headers)
+
+
+def test_rekey_names_secrets_no_key_decrypts_and_leaves_them(pg_session_factory, old_key, new_key):
+    endpoint_id, _ = _endpoint(pg_session_factory, old_key, "https://hooks.example.com/x")
+    with session_scope(pg_session_factory) as session:
+        stored = session.get_one(WebhookEndpoint, endpoint_id).secret_encrypted
+        result = reencrypt_secrets(session, _cipher(new_key))  # the old key is not among the fallbacks
+        assert result == type(result)(0, 0, (f"endpoint {endpoint_id}",))
+        assert session.get_one(WebhookEndpoint, endpoint_id).secret_encrypted == stored
+
+
+def test_a_rotation_under_a_fallback_key_stores_the_previous_secret_under_the_new_key(
+    pg_session_factory, old_key, new_key, new_key_with_fallback, receiver
+):
+    """Else the previous secret would stop signing, mid-overlap, when the fallback key is retired."""
+    script = Script((200, {}))
+    receiver.expect_request("/hook").respond_with_handler(script)
+    endpoint_id, original = _endpoint(pg_session_factory, old_key, receiver.url_for("/hook"))
+    with session_scope(pg_session_factory) as session:
+        _, rotation = rotate_endpoint_secret(
+            session, _cipher(new_key_with_fallback), endpoint_id, overlap_s=3600
+        )
+        assert not rotation.undecryptable_dropped
+
+    ids = _event(pg_session_factory)
+    steps = drive(pg_session_factory, ids[0], new_key)  # the fallback already retired
+
+    assert [s.status for s in steps] == ["succeeded"], steps
+    headers, body = script.requests[0]
+    Webhook(original).verify(body, headers)
+    Webhook(rotation.secret).verify(body, headers)

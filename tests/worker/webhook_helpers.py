@@ -52,7 +52,7 @@ def config_for(settings: Settings) -> DeliveryConfig:
 
 
 def cipher_for(settings: Settings) -> SecretCipher:
-    return SecretCipher(settings.require_secret_key())
+    return SecretCipher.from_settings(settings)
 
 
 def client_for(settings: Settings) -> httpx.Client:

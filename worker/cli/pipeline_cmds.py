@@ -570,12 +570,12 @@ def demo(paths: tuple[str, ...], database: str | None, images_dir: Path, output_
 # --- worker and enqueue ---------------------------------------------------------------------------------
 
 
-def refuse_a_key_that_does_not_decrypt(factory: sessionmaker[Session], secret_key: str) -> None:
-    """Stop the worker start when ``secret_key`` does not decrypt a stored webhook secret.
+def refuse_a_key_that_does_not_decrypt(factory: sessionmaker[Session], settings: Settings) -> None:
+    """Stop the worker start when no configured key decrypts a stored webhook secret.
 
     A worker with another key (or the right one plus a secret file's newline) would start "ready" and fail
-    every delivery it takes for good. One secret stands for all: they are all stored under the one key. The
-    most recently written is tried, the likeliest to be under the key the operator means.
+    every delivery it takes for good. The most recently written secret is tried, the likeliest to be under
+    the key the operator means. One under a fallback key starts the worker with a reminder to re-encrypt.
     """
     from worker.webhooks import SecretCipher, SecretError  # noqa: PLC0415 - httpx and cryptography: worker only
 
@@ -589,13 +589,21 @@ def refuse_a_key_that_does_not_decrypt(factory: sessionmaker[Session], secret_ke
         )
     if token is None:
         return  # nothing stored yet: the first secret will be stored under whichever key the CLI has
+    cipher = SecretCipher.from_settings(settings)
     try:
-        SecretCipher(secret_key).decrypt(token)
+        cipher.decrypt(token)
     except SecretError:
         raise click.ClickException(
             "SYNTHGUARD_SECRET_KEY does not decrypt the stored webhook secrets; set the key they were stored "
-            "with (every worker and `synthguard webhooks` command needs the same one)"
+            "with, or keep it in SYNTHGUARD_SECRET_KEY_FALLBACKS beside a new key (every worker and "
+            "`synthguard webhooks` command needs the same keys)"
         ) from None
+    if not cipher.is_current(token):
+        click.echo(
+            "warning: webhook secrets are stored under a key in SYNTHGUARD_SECRET_KEY_FALLBACKS; run "
+            "`synthguard webhooks rekey` to re-encrypt them under SYNTHGUARD_SECRET_KEY",
+            err=True,
+        )
 
 
 @click.command()
@@ -612,11 +620,11 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
     settings = cli_settings(None, **overrides)
     try:
         # The worker signs webhooks with secrets encrypted under this key.
-        secret_key = settings.require_secret_key()
+        settings.require_secret_key()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     factory = open_database(settings, migrate=False)
-    refuse_a_key_that_does_not_decrypt(factory, secret_key)
+    refuse_a_key_that_does_not_decrypt(factory, settings)
     # Closed now, not when the command returns: the worker runs for weeks, and its pool children would inherit
     # the idle connection's socket (each child opens its own; WorkerRuntime disposes the pool after fork).
     engine = factory.kw["bind"]

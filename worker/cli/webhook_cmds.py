@@ -45,6 +45,7 @@ from worker.webhook_endpoints import (
     create_endpoint,
     create_ping_delivery,
     list_endpoints,
+    reencrypt_secrets,
     reveal_client_secret,
     rotate_client_secret,
     rotate_endpoint_secret,
@@ -64,7 +65,7 @@ def _settings() -> Settings:
 
 def _cipher(settings: Settings) -> SecretCipher:
     try:
-        return SecretCipher(settings.require_secret_key())
+        return SecretCipher.from_settings(settings)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -322,8 +323,8 @@ def _explain_rotation(rotation: SecretRotation) -> None:
     """What the receiver must do now; on stderr, so the secret alone can be captured from stdout."""
     if rotation.undecryptable_dropped:
         click.echo(
-            "The old secret could not be decrypted with the current SYNTHGUARD_SECRET_KEY and was dropped: "
-            "only the new secret signs from now on; give it to the receiver now.",
+            "The old secret could not be decrypted with SYNTHGUARD_SECRET_KEY or its fallbacks and was "
+            "dropped: only the new secret signs from now on; give it to the receiver now.",
             err=True,
         )
     elif rotation.previous_signs_until is None:
@@ -362,6 +363,33 @@ def client_secret_cmd(client_name: str, rotate: bool) -> None:
     click.echo(secret)
     if rotation is not None:
         _explain_rotation(rotation)
+
+
+@webhooks.command("rekey")
+def rekey_cmd() -> None:
+    """Re-encrypt every stored secret under SYNTHGUARD_SECRET_KEY (after a key change; the old key in
+    SYNTHGUARD_SECRET_KEY_FALLBACKS). The secrets themselves do not change: receivers need do nothing."""
+    settings = _settings()
+    cipher = _cipher(settings)
+    with _database(settings) as factory, session_scope(factory) as session:
+        result = reencrypt_secrets(session, cipher)
+    click.echo(
+        f"{result.reencrypted} secret(s) re-encrypted under SYNTHGUARD_SECRET_KEY, "
+        f"{result.already_current} already were"
+    )
+    if result.undecryptable:
+        names = ", ".join(escape_controls(name) for name in result.undecryptable)
+        raise click.ClickException(
+            f"{len(result.undecryptable)} secret(s) decrypt under none of the keys and were left as they "
+            f"were: {names}. Add the key they were stored under to SYNTHGUARD_SECRET_KEY_FALLBACKS and run "
+            "rekey again, or give them new secrets (rotate-secret ID, client-secret CLIENT --rotate)."
+        )
+    if settings.secret_key_fallbacks:
+        click.echo(
+            "Every stored secret is under SYNTHGUARD_SECRET_KEY: SYNTHGUARD_SECRET_KEY_FALLBACKS can be "
+            "removed once every worker and command runs with this key.",
+            err=True,
+        )
 
 
 @webhooks.command("deliveries")
