@@ -27,6 +27,7 @@ from celery import Celery, bootsteps
 from celery.signals import worker_init, worker_process_init
 from kombu import Exchange, Queue
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_session_factory
@@ -52,6 +53,8 @@ class WorkerRuntime:
         self._detector: DetectorLike | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        #: Set once SYNTHGUARD_SECRET_KEY was checked against the stored webhook secrets at worker start.
+        self.secret_key_checked = False
 
     @property
     def engine(self) -> Engine:
@@ -223,6 +226,54 @@ def _consume_webhook_queue(sender: Any = None, **_: Any) -> None:
 
 worker_init.connect(_consume_webhook_queue, weak=False, dispatch_uid="synthguard-consume-webhook-queue")
 
+UNDECRYPTING_KEY_MESSAGE = (
+    "SYNTHGUARD_SECRET_KEY does not decrypt the stored webhook secrets; set the key they were stored with, "
+    "or keep it in SYNTHGUARD_SECRET_KEY_FALLBACKS beside a new key (every worker and `synthguard webhooks` "
+    "command needs the same keys)"
+)
+REKEY_REMINDER = (
+    "webhook secrets are stored under a key in SYNTHGUARD_SECRET_KEY_FALLBACKS; run `synthguard webhooks "
+    "rekey` to re-encrypt them under SYNTHGUARD_SECRET_KEY"
+)
+
+
+def _refuse_a_key_that_does_not_decrypt(sender: Any = None, **_: Any) -> None:
+    """`celery -A worker.celery worker` checks the key as `synthguard worker` does (which checked it already).
+
+    Without this, a worker started with another key would run "ready" and fail every delivery it takes, for
+    good. Without a key it starts as before (its deliveries fail saying the key is unset), and a database it
+    cannot reach yet does not stop it: the tasks wait for the database the same way.
+    """
+    app = getattr(sender, "app", None)
+    runtime = _RUNTIMES.get(app) if app is not None else None
+    if runtime is None or runtime.secret_key_checked or runtime.settings.secret_key is None:
+        return
+    from worker.webhook_endpoints import stored_secrets_key  # noqa: PLC0415 - httpx, cryptography
+    from worker.webhooks import SecretCipher  # noqa: PLC0415
+
+    # An engine of its own, disposed at once: this is the main process, whose pool children must not inherit
+    # an open connection.
+    engine = make_engine(runtime.settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            state = stored_secrets_key(session, SecretCipher.from_settings(runtime.settings))
+    except SQLAlchemyError as exc:
+        log.warning("could not check SYNTHGUARD_SECRET_KEY against the stored webhook secrets: %s", exc)
+        return
+    finally:
+        engine.dispose()
+    if state == "undecryptable":
+        log.error(UNDECRYPTING_KEY_MESSAGE)
+        raise SystemExit(f"synthguard: {UNDECRYPTING_KEY_MESSAGE}")
+    if state == "fallback":
+        log.warning(REKEY_REMINDER)
+    runtime.secret_key_checked = True
+
+
+worker_init.connect(
+    _refuse_a_key_that_does_not_decrypt, weak=False, dispatch_uid="synthguard-refuse-undecrypting-key"
+)
+
 
 def _share_cpu_threads(processes: int) -> None:
     """Give each worker child its share of the CPU cores for torch's intra-op threads.
@@ -282,4 +333,12 @@ def create_celery_app(settings: Settings) -> Celery:
     return app
 
 
-__all__ = ["WorkerRuntime", "create_celery_app", "load_detector", "runtime_for", "verify_detector"]
+__all__ = [
+    "REKEY_REMINDER",
+    "UNDECRYPTING_KEY_MESSAGE",
+    "WorkerRuntime",
+    "create_celery_app",
+    "load_detector",
+    "runtime_for",
+    "verify_detector",
+]

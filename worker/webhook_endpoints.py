@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -42,6 +43,7 @@ __all__ = [
     "rotate_client_secret",
     "rotate_endpoint_secret",
     "set_endpoint_enabled",
+    "stored_secrets_key",
 ]
 
 
@@ -225,6 +227,30 @@ def rotate_client_secret(
     if created:
         return SecretRotation(secret=cipher.decrypt(row.secret_encrypted), previous_signs_until=None)
     return _rotate(cipher, row, overlap_s)
+
+
+#: What the configured keys make of the stored secrets (`stored_secrets_key`).
+StoredSecretsKey = Literal["none stored", "current", "fallback", "undecryptable"]
+
+
+def stored_secrets_key(session: Session, cipher: SecretCipher) -> StoredSecretsKey:
+    """Whether the cipher decrypts the stored webhook secrets, and under which of its keys.
+
+    One secret stands for all, the most recently written: the likeliest to be under the key the operator
+    means (all of them are stored under one key, or are being moved to it by ``reencrypt_secrets``).
+    """
+    token = session.scalar(
+        sa.select(WebhookEndpoint.secret_encrypted).order_by(WebhookEndpoint.updated_at.desc()).limit(1)
+    ) or session.scalar(
+        sa.select(WebhookClientSecret.secret_encrypted)
+        .order_by(WebhookClientSecret.updated_at.desc())
+        .limit(1)
+    )
+    if token is None:
+        return "none stored"
+    if cipher.is_current(token):
+        return "current"
+    return "fallback" if _decrypts(cipher, token) else "undecryptable"
 
 
 @dataclass(frozen=True)

@@ -520,6 +520,59 @@ def test_a_key_change_with_the_old_key_as_fallback_then_rekey(settings):
     assert "client acme" in lost.stderr and new_key not in lost.output
 
 
+@pytest.mark.usefixtures("pg_clean")
+def test_a_bare_celery_worker_checks_the_key_too(settings):
+    """`celery -A worker.celery worker` (by hand, or another supervisor) stops on a key that does not
+    decrypt the stored secrets, and reminds about one under a fallback key, as `synthguard worker` does."""
+    right = _worker_env(settings, f"bare-{uuid.uuid4().hex[:8]}")
+    assert run("webhooks", "client-secret", "acme", env=right).exit_code == 0
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery",
+        "worker",
+        "--pool=solo",
+        "--loglevel=INFO",
+    ]
+    wrong_key = secrets.token_hex(32)
+
+    refused = subprocess.run(
+        command,
+        env={**right, "SYNTHGUARD_SECRET_KEY": wrong_key},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "synthguard: SYNTHGUARD_SECRET_KEY does not decrypt the stored webhook secrets" in refused.stderr
+    assert wrong_key not in refused.stderr + refused.stdout
+
+    fallback = {
+        **right,
+        "SYNTHGUARD_SECRET_KEY": wrong_key,
+        "SYNTHGUARD_SECRET_KEY_FALLBACKS": right["SYNTHGUARD_SECRET_KEY"],
+    }
+    worker = subprocess.Popen(
+        command, env=fallback, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert worker.stdout is not None
+        lines: list[str] = []
+        for line in worker.stdout:
+            lines.append(line)
+            if "ready." in line or "webhooks rekey" in line:
+                break
+        assert any(
+            "webhook secrets are stored under a key in SYNTHGUARD_SECRET_KEY_FALLBACKS" in x for x in lines
+        ), lines
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=60)  # reads the rest and closes the pipe
+
+
 def test_review_overrides_the_model_verdict(tmp_path, images):
     db_path = str(tmp_path / "review.db")
     scanned = json.loads(run("scan", str(images / "one.png"), "--db", db_path, "--format", "json").stdout)

@@ -32,7 +32,6 @@ from db.migrate import is_up_to_date, upgrade_to_head
 from db.queries import get_check, get_or_create_check, list_checks, list_verdicts
 from db.session import make_engine, make_session_factory, session_scope
 from db.tables import CHECK_STATUSES, EXTERNAL_ID_MAX_LEN, VERDICTS, Check
-from db.webhook_tables import WebhookClientSecret, WebhookEndpoint
 from worker import pipeline
 from worker.requests import check_callback_url
 from worker.settings import Settings, SettingsError, load_settings
@@ -571,39 +570,21 @@ def demo(paths: tuple[str, ...], database: str | None, images_dir: Path, output_
 
 
 def refuse_a_key_that_does_not_decrypt(factory: sessionmaker[Session], settings: Settings) -> None:
-    """Stop the worker start when no configured key decrypts a stored webhook secret.
+    """Stop the worker start when no configured key decrypts the stored webhook secrets.
 
     A worker with another key (or the right one plus a secret file's newline) would start "ready" and fail
-    every delivery it takes for good. The most recently written secret is tried, the likeliest to be under
-    the key the operator means. One under a fallback key starts the worker with a reminder to re-encrypt.
+    every delivery it takes for good. Secrets under a fallback key start the worker with a reminder.
     """
-    from worker.webhooks import SecretCipher, SecretError  # noqa: PLC0415 - httpx and cryptography: worker only
+    from worker.app import REKEY_REMINDER, UNDECRYPTING_KEY_MESSAGE  # noqa: PLC0415 - Celery
+    from worker.webhook_endpoints import stored_secrets_key  # noqa: PLC0415 - httpx and cryptography
+    from worker.webhooks import SecretCipher  # noqa: PLC0415
 
     with session_scope(factory) as session:
-        token = session.scalar(
-            sa.select(WebhookEndpoint.secret_encrypted).order_by(WebhookEndpoint.updated_at.desc()).limit(1)
-        ) or session.scalar(
-            sa.select(WebhookClientSecret.secret_encrypted)
-            .order_by(WebhookClientSecret.updated_at.desc())
-            .limit(1)
-        )
-    if token is None:
-        return  # nothing stored yet: the first secret will be stored under whichever key the CLI has
-    cipher = SecretCipher.from_settings(settings)
-    try:
-        cipher.decrypt(token)
-    except SecretError:
-        raise click.ClickException(
-            "SYNTHGUARD_SECRET_KEY does not decrypt the stored webhook secrets; set the key they were stored "
-            "with, or keep it in SYNTHGUARD_SECRET_KEY_FALLBACKS beside a new key (every worker and "
-            "`synthguard webhooks` command needs the same keys)"
-        ) from None
-    if not cipher.is_current(token):
-        click.echo(
-            "warning: webhook secrets are stored under a key in SYNTHGUARD_SECRET_KEY_FALLBACKS; run "
-            "`synthguard webhooks rekey` to re-encrypt them under SYNTHGUARD_SECRET_KEY",
-            err=True,
-        )
+        state = stored_secrets_key(session, SecretCipher.from_settings(settings))
+    if state == "undecryptable":
+        raise click.ClickException(UNDECRYPTING_KEY_MESSAGE)
+    if state == "fallback":
+        click.echo(f"warning: {REKEY_REMINDER}", err=True)
 
 
 @click.command()
@@ -629,7 +610,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
     # the idle connection's socket (each child opens its own; WorkerRuntime disposes the pool after fork).
     engine = factory.kw["bind"]
     engine.dispose()
-    from worker.app import create_celery_app, verify_detector  # noqa: PLC0415
+    from worker.app import create_celery_app, runtime_for, verify_detector  # noqa: PLC0415
 
     # Load the weights once before forking (in a subprocess, so this process never runs torch): a missing or
     # tampered weights file stops the start here with one line instead of failing in every child.
@@ -641,6 +622,7 @@ def worker(concurrency: int | None, loglevel: str, pool: str) -> None:
     click.echo(f"detector {model_id} loads; starting the worker", err=True)
 
     app = create_celery_app(settings)
+    runtime_for(app).secret_key_checked = True  # above, with a clearer stop than the worker's own check
     queues = ",".join(settings.worker_queues)
     argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool}", f"--queues={queues}"]
     argv.append(f"--concurrency={settings.worker_concurrency}")
