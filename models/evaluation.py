@@ -256,6 +256,27 @@ def fold_dir_name(source: str) -> str:
     return source.replace(":", "__").replace("/", "_")
 
 
+def fold_sources(rows: Sequence[ManifestRow], names: Sequence[str]) -> list[str]:
+    """The `label:repo` source of each name (`label:repo`, or a `repo` with images of one label only).
+
+    Checked before the first fold trains, so a mistyped last name does not cost the folds before it.
+
+    Raises:
+        ManifestError: a name matches no source, or a repo with images of both labels.
+    """
+    known = sorted({row.source for row in rows})
+    resolved: list[str] = []
+    for name in names:
+        matches = [name] if name in known else [s for s in known if s.split(":", 1)[1] == name]
+        if len(matches) != 1:
+            problem = "matches no source" if not matches else f"is ambiguous ({', '.join(matches)})"
+            raise ManifestError(
+                f"holdout source {name!r} {problem}; the manifest's sources: {', '.join(known)}"
+            )
+        resolved.append(matches[0])
+    return resolved
+
+
 def leave_one_source_out(
     manifest: Path,
     out_dir: Path,
@@ -286,7 +307,7 @@ def leave_one_source_out(
     from models.training import recalibrate, train  # noqa: PLC0415
 
     rows = read_manifest(manifest)
-    chosen = list(sources) or largest_sources(rows)
+    chosen = fold_sources(rows, sources) if sources else largest_sources(rows)
     folds: dict[str, Any] = {}
     evidence_cache: dict[bytes, Any] = {}  # the hand-made evidence does not depend on the fold's model
     summary_path = out_dir / "loso_summary.json"

@@ -238,3 +238,21 @@ def test_eval_leave_one_source_out(cli, tmp_path):
     assert set(summary["mean"]) == {"native", "crop512_jpeg90", "crop512_png"}
     fold_dir = tmp_path / "loso" / "fake__github__test_fake-0"
     assert (fold_dir / "weights.pt").is_file() and (fold_dir / "eval.json").is_file()
+
+
+def test_eval_leave_one_source_out_checks_every_holdout_before_training(cli, tmp_path):
+    """A mistyped last source used to fail after the folds before it had trained (minutes each)."""
+    manifest = write_tiny_manifest(tmp_path / "data", per_class=10, size=96)
+    args = ["eval", str(manifest), "--loso", str(tmp_path / "loso"), "--loso-steps", "2"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--holdout-source", "github:test/fake-0"]
+    result = CliRunner().invoke(cli, [*args, "--holdout-source", "fake:github:test/nope"])
+    assert result.exit_code == 1
+    assert "Error: holdout source 'fake:github:test/nope' matches no source; the manifest's sources: " in (
+        result.output
+    )
+    assert not (tmp_path / "loso").exists()  # no fold trained
+
+    # A bare repo names the one source it holds.
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(result.stdout)["folds"]) == ["fake:github:test/fake-0"]
