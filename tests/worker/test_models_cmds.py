@@ -99,6 +99,31 @@ def test_detect_refuses_a_file_over_the_size_cap_before_reading_it(cli, tmp_path
     assert lines[1]["path"] == str(good) and "verdict" in lines[1]
 
 
+def test_detect_applies_the_workers_caps_from_the_environment(cli, tmp_path):
+    """The caps a deployment sets for its workers hold for `detect` too (it used fixed defaults)."""
+    wide, small = tmp_path / "wide.png", tmp_path / "small.png"
+    photo("chelsea.png", 160).save(wide)
+    photo("chelsea.png", 96).save(small)
+    with Image.open(wide) as image:
+        width, height = image.size
+    env = {"SYNTHGUARD_MAX_PIXELS": str(width * height - 1)}
+    result = CliRunner().invoke(cli, ["detect", str(wide), str(small), "--no-evidence"], env=env)
+    assert result.exit_code == 1, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    pixels = width * height
+    assert lines[0]["error"] == f"image too large: {width}x{height} = {pixels} pixels > limit {pixels - 1}"
+    assert "verdict" in lines[1]
+
+    size = wide.stat().st_size
+    env = {"SYNTHGUARD_MAX_INLINE_BYTES": str(size - 1)}
+    result = CliRunner().invoke(cli, ["detect", str(wide), "--no-evidence"], env=env)
+    assert json.loads(result.output)["error"] == f"file too large: {size} bytes > limit {size - 1}"
+
+    result = CliRunner().invoke(cli, ["detect", str(wide)], env={"SYNTHGUARD_MAX_PIXELS": "0"})
+    assert result.exit_code == 1
+    assert "Error: invalid settings: SYNTHGUARD_MAX_PIXELS: " in result.output
+
+
 def test_detect_reads_no_more_than_the_cap_when_stat_understates_the_size(tmp_path):
     # /proc files report size 0; the read itself is bounded as well.
     status = Path("/proc/self/status")

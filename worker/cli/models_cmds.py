@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 # Only torch-free names at import: every `synthguard` command imports this module (tests/test_layering.py).
 from models import DetectorError, ImageInput, create_detector, list_detectors
 from worker.requests import DEFAULT_MAX_INLINE_BYTES
+from worker.settings import Settings
 
 if TYPE_CHECKING:
     from models.detector import Detector
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 #: Largest file `detect` reads, checked before reading: the worker's default SYNTHGUARD_MAX_INLINE_BYTES
 #: (20 MiB), so the command refuses what an inline check would. `detect` reads no settings otherwise.
 MAX_FILE_BYTES: Final[int] = DEFAULT_MAX_INLINE_BYTES
+MAX_PIXELS: Final[int] = Settings.model_fields["max_pixels"].get_default()
 
 
 class _HelpOnDemandOption(click.Option):
@@ -70,8 +72,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _read_image(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[ImageInput | None, str | None]:
-    """The file as a detector input, or None and the one-line error that file's output line carries."""
+def _read_image(
+    path: Path, max_bytes: int = MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS
+) -> tuple[ImageInput | None, str | None]:
+    """The file as a detector input, or None and the one-line error that file's output line carries.
+
+    The caps are the worker's (SYNTHGUARD_MAX_INLINE_BYTES, SYNTHGUARD_MAX_PIXELS): bytes before reading,
+    pixels from the header before decoding.
+    """
     try:
         size = path.stat().st_size
         if size > max_bytes:
@@ -83,6 +91,12 @@ def _read_image(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[ImageInput
         if len(data) > max_bytes:
             return None, f"file too large: more than {max_bytes} bytes"
         with Image.open(io.BytesIO(data)) as img:
+            pixels = img.width * img.height
+            if pixels > max_pixels:
+                return (
+                    None,
+                    f"image too large: {img.width}x{img.height} = {pixels} pixels > limit {max_pixels}",
+                )
             img.load()
             image = img.copy()
             image.info.update(img.info)
@@ -121,14 +135,18 @@ def detect_command(
 ) -> None:
     """Print one JSON object per image: path, score, verdict, family_scores, evidence, model.
 
-    A file that cannot be read, or is larger than 20 MiB (`MAX_FILE_BYTES`), prints an object with "error"
-    and the exit status is 1 at the end.
+    A file that cannot be read, or is over the worker's caps (SYNTHGUARD_MAX_INLINE_BYTES, 20 MiB by default;
+    SYNTHGUARD_MAX_PIXELS, 40 million pixels), prints an object with "error" and the exit status is 1 at the
+    end.
     """
+    from worker.cli.pipeline_cmds import cli_settings  # noqa: PLC0415 - SQLAlchemy: not for the other commands
+
+    settings = cli_settings()
     detector = _build_detector(model, weights, device)
     failures = 0
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        loaded = [_read_image(p) for p in chunk]
+        loaded = [_read_image(p, settings.max_inline_bytes, settings.max_pixels) for p in chunk]
         inputs = [item for item, _ in loaded if item is not None]
         detections = iter(detector.detect(inputs))
         for path, (item, error) in zip(chunk, loaded, strict=True):
