@@ -134,12 +134,7 @@ def claim(session: Session, check_ids: Sequence[uuid.UUID], settings: Settings) 
     """
     if not check_ids:
         return Claim([], [], [])
-    checks = session.scalars(
-        sa.select(Check)
-        .where(Check.id.in_(list(check_ids)), Check.status.in_(CLAIMABLE_STATUSES))
-        .order_by(Check.created_at)
-        .with_for_update()
-    ).all()
+    checks = _lock_unfinished_checks(session, check_ids)
     now = utcnow()
     claimed: list[uuid.UUID] = []
     dead = PipelineResult()
@@ -150,7 +145,7 @@ def claim(session: Session, check_ids: Sequence[uuid.UUID], settings: Settings) 
                 f"(limit SYNTHGUARD_MAX_ATTEMPTS={settings.max_attempts}); the image may crash the worker"
             )
             # An earlier attempt may have stored why it did not finish (e.g. a fetch to retry): keep it.
-            _record_failure(  # the row is locked and unfinished: selected FOR UPDATE by status above
+            _record_failure(  # the row is locked and unfinished: _lock_unfinished_checks above
                 session,
                 check,
                 f"{reason}; last error: {check.error}" if check.error else reason,
@@ -414,21 +409,65 @@ def json_safe(value: Any) -> Any:
 # --- storing outcomes ------------------------------------------------------------------------------------
 
 
+def _still_unfinished(session: Session, check_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Of ``check_ids``, the checks unfinished at the moment this transaction writes them; their rows stay
+    locked until it ends, so every later read of them in it is current.
+
+    Decided by a write (the status set to itself where it is unfinished), not by a read: on SQLite, where
+    SQLAlchemy leaves ``FOR UPDATE`` out and a read takes no lock, the read may predate another worker's
+    commit, and a write based on it overwrote the check that worker had finished (a done, flagged check
+    turned failed, its image bytes already dropped). The write waits for such a commit (SQLite has one
+    writer at a time) and sees its result. On PostgreSQL it takes the row lock, as ``FOR UPDATE`` does.
+    """
+    if not check_ids:
+        return set()
+    rows = session.execute(
+        sa.update(Check)
+        .where(Check.id.in_(list(check_ids)), Check.status.in_(CLAIMABLE_STATUSES))
+        .values(status=Check.status)
+        .returning(Check.id)
+        .execution_options(synchronize_session=False)
+    )
+    return {row[0] for row in rows}
+
+
+def _lock_unfinished_checks(session: Session, check_ids: Sequence[uuid.UUID]) -> list[Check]:
+    """The unfinished checks of ``check_ids``, oldest first, locked and read after the lock."""
+    # PostgreSQL: the rows locked in one order (two claims of overlapping batches cannot deadlock).
+    candidates = session.scalars(
+        sa.select(Check.id)
+        .where(Check.id.in_(list(check_ids)), Check.status.in_(CLAIMABLE_STATUSES))
+        .order_by(Check.created_at)
+        .with_for_update()
+    ).all()
+    unfinished = _still_unfinished(session, candidates)
+    if not unfinished:
+        return []
+    # populate_existing: a Check already in the session is overwritten with the row as it is now.
+    return list(
+        session.scalars(
+            sa.select(Check)
+            .where(Check.id.in_(list(unfinished)))
+            .order_by(Check.created_at)
+            .execution_options(populate_existing=True)
+        ).all()
+    )
+
+
 def _lock_unfinished(session: Session, check: Check) -> bool:
     """Lock the check's row and tell whether it is still unfinished, so an outcome may be stored on it.
 
     ``run`` read the row before its slow work; meanwhile another worker may have stored an outcome (the
-    reconciler or a claim dead-lettering an attempt it took for dead, a duplicate message's attempt). The row
-    lock makes that worker's transaction and this one store one after the other, and the status read under it
-    is the latest. SQLite has no ``FOR UPDATE``; it lets one writer at a time, so the status read is the
-    latest there too. A finished check keeps its status, error and webhooks; this attempt's outcome is
-    dropped.
+    reconciler or a claim dead-lettering an attempt it took for dead, a duplicate message's attempt). The
+    lock (`_still_unfinished`) makes that worker's transaction and this one store one after the other. A
+    finished check keeps its status, error and webhooks; this attempt's outcome is dropped.
     """
-    status = session.scalar(sa.select(Check.status).where(Check.id == check.id).with_for_update())
-    if status in CLAIMABLE_STATUSES:
+    if check.id in _still_unfinished(session, [check.id]):
         return True
-    log.warning("check %s became %s while this attempt ran; its outcome is not stored", check.id, status)
     session.expire(check)
+    log.warning(
+        "check %s became %s while this attempt ran; its outcome is not stored", check.id, check.status
+    )
     return False
 
 
@@ -496,11 +535,7 @@ def fail_checks(
 ) -> list[uuid.UUID]:
     """Fail still-unfinished checks with ``reason`` (e.g. retries exhausted); return outbox delivery ids."""
     result = PipelineResult()
-    for check in session.scalars(
-        sa.select(Check)
-        .where(Check.id.in_(list(check_ids)), Check.status.in_(CLAIMABLE_STATUSES))
-        .with_for_update()
-    ).all():
+    for check in _lock_unfinished_checks(session, check_ids):
         detail = f"{reason}: {check.error}" if check.error else reason
         _record_failure(session, check, detail, settings, result)
     return result.delivery_ids

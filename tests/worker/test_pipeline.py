@@ -376,3 +376,81 @@ def test_json_safe_removes_nan_and_numpy():
 
     value = {"a": np.float32(1.5), "b": float("nan"), "c": (np.int64(2), float("inf")), 3: np.array([1, 2])}
     assert pipeline.json_safe(value) == {"a": 1.5, "b": None, "c": [2, None], "3": [1, 2]}
+
+
+# --- SQLite: a read older than another worker's commit ------------------------------------------------------
+
+
+@pytest.fixture
+def two_sqlite_workers(sqlite_url: str) -> Iterator[tuple[sessionmaker[Session], sessionmaker[Session]]]:
+    """Two workers' session factories on one SQLite file, each with its own engine (as two processes)."""
+    engines = [make_engine(sqlite_url), make_engine(sqlite_url)]
+    yield make_session_factory(engines[0]), make_session_factory(engines[1])
+    for engine in engines:
+        engine.dispose()
+
+
+def after_first_read_of_checks(factory: sessionmaker[Session], action: Any) -> None:
+    """Run ``action`` once, right after the first SELECT on ``checks`` that ``factory``'s engine executes:
+    what another worker does while this one holds rows it read, but has not written yet."""
+    fired = False
+
+    def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        nonlocal fired
+        if not fired and statement.lstrip().upper().startswith("SELECT") and "FROM checks" in statement:
+            fired = True
+            action()
+
+    sa.event.listen(factory.kw["bind"], "after_cursor_execute", hook)
+
+
+def test_a_claim_does_not_take_a_check_another_worker_finished_after_its_read(
+    two_sqlite_workers, counting, settings
+):
+    """Two messages for one check (two `enqueue` runs, a redelivery): worker B read it queued, worker A then
+    finished it. B's claim used to set it back to processing with a stale attempt count, and B's run then
+    failed it ("the inline image is no longer stored"): a done, flagged check turned failed."""
+    worker_a, worker_b = two_sqlite_workers
+    check_id = submit(worker_a, image_data=photo_bytes(offset=31))
+    after_first_read_of_checks(worker_b, lambda: process(worker_a, counting, [check_id], settings))
+
+    with session_scope(worker_b) as session:
+        claimed = pipeline.claim(session, [check_id], settings)
+
+    assert claimed.check_ids == [] and claimed.dead_lettered == []
+    check = load(worker_a, check_id)
+    assert (check.status, check.attempts, check.error) == ("done", 1, None)
+
+
+def test_fail_checks_leaves_a_check_another_worker_finished_after_its_read(
+    two_sqlite_workers, counting, settings
+):
+    """The reconciler's dead-letter (or a task's last retry) read the check unfinished, then A finished it."""
+    worker_a, worker_b = two_sqlite_workers
+    check_id = submit(worker_a, image_data=photo_bytes(offset=37))
+    after_first_read_of_checks(worker_b, lambda: process(worker_a, counting, [check_id], settings))
+
+    with session_scope(worker_b) as session:
+        assert pipeline.fail_checks(session, [check_id], "dead-lettered: retries spent", settings) == []
+
+    check = load(worker_a, check_id)
+    assert (check.status, check.error) == ("done", None)
+
+
+def test_a_claim_counts_the_attempt_from_the_row_as_it_is_when_written(
+    two_sqlite_workers, counting, settings
+):
+    """B read the check queued with 0 attempts; A claimed it (1 attempt) and died before an outcome. B's claim
+    counts 2, not 1 again: the dead-letter limit counts every attempt."""
+    worker_a, worker_b = two_sqlite_workers
+    check_id = submit(worker_a, image_data=photo_bytes(offset=41))
+
+    def claim_and_die() -> None:
+        with session_scope(worker_a) as session:
+            assert pipeline.claim(session, [check_id], settings).check_ids == [check_id]
+
+    after_first_read_of_checks(worker_b, claim_and_die)
+    with session_scope(worker_b) as session:
+        assert pipeline.claim(session, [check_id], settings).check_ids == [check_id]
+    check = load(worker_a, check_id)
+    assert (check.status, check.attempts) == ("processing", 2)
