@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -197,35 +198,45 @@ def run(
         .options(sa.orm.undefer(Check.image_data))
     ).all()
 
-    pending: list[_Pending] = []
-    for check in checks:
-        try:
-            data = _image_bytes(check, settings, fetcher)
-        except FetchError as exc:
-            if exc.transient and retry_transient:
-                _store_retry(session, check, exc.reason, result)
-            else:
-                _store_failure(session, check, f"fetch failed: {exc.reason}", settings, result)
-            continue
-        except _InvalidInputError as exc:
-            _store_failure(session, check, str(exc), settings, result)
-            continue
-        except Exception as exc:
-            # An error no fetch path expected belongs to this check's URL: fail it alone, not its batch.
-            log.exception("fetching check %s failed unexpectedly", check.id)
-            _store_failure(session, check, f"fetch failed: {type(exc).__name__}: {exc}", settings, result)
-            continue
-        sha256 = hashlib.sha256(data).hexdigest()
-        check.sha256 = sha256
-        if not settings.store_raw_images:
-            check.image_data = None
-        elif check.image_data is None:
-            check.image_data = data
-        pending.append(_Pending(check, data, sha256))
+    # Nothing is written until the slow steps (fetch, decode, detect) are over; their outcomes are stored
+    # after them, in the order they came. On SQLite the first write takes the database's one write lock
+    # until commit: held through a batch of slow URL fetches, it made every other writer (enqueue, scan,
+    # review, the other worker processes) wait and fail with "database is locked" after 30 s.
+    stores: list[Callable[[], None]] = []
+    with session.no_autoflush:
+        pending: list[_Pending] = []
+        for check in checks:
+            try:
+                data = _image_bytes(check, settings, fetcher)
+            except FetchError as exc:
+                if exc.transient and retry_transient:
+                    stores.append(partial(_store_retry, session, check, exc.reason, result))
+                else:
+                    stores.append(_failure(session, check, f"fetch failed: {exc.reason}", settings, result))
+                continue
+            except _InvalidInputError as exc:
+                stores.append(_failure(session, check, str(exc), settings, result))
+                continue
+            except Exception as exc:
+                # An error no fetch path expected belongs to this check's URL: fail it alone, not its batch.
+                log.exception("fetching check %s failed unexpectedly", check.id)
+                reason = f"fetch failed: {type(exc).__name__}: {exc}"
+                stores.append(_failure(session, check, reason, settings, result))
+                continue
+            sha256 = hashlib.sha256(data).hexdigest()
+            check.sha256 = sha256
+            if not settings.store_raw_images:
+                check.image_data = None
+            elif check.image_data is None:
+                check.image_data = data
+            pending.append(_Pending(check, data, sha256))
 
-    to_detect = _reuse_stored_verdicts(session, detector, pending, result)
-    decoded = _decode_all(session, to_detect, settings, decoder, result)
-    _detect_and_store(session, detector, decoded, settings, result)
+        to_detect = _reuse_stored_verdicts(session, detector, pending, result, stores=stores)
+        decoded = _decode_all(session, to_detect, settings, decoder, result, stores=stores)
+        detections = _detect_unique(detector, decoded, settings.batch_size, result)
+    for store in stores:
+        store()
+    _store_detections(session, detector, decoded, detections, settings=settings, result=result)
     return result
 
 
@@ -248,11 +259,19 @@ def _image_bytes(check: Check, settings: Settings, fetcher: Fetcher) -> bytes:
     raise _InvalidInputError("no image: the check has neither an image URL nor inline image bytes")
 
 
+def _failure(
+    session: Session, check: Check, reason: str, settings: Settings, result: PipelineResult
+) -> Callable[[], None]:
+    return partial(_store_failure, session, check, reason, settings, result)
+
+
 def _reuse_stored_verdicts(
     session: Session,
     detector: DetectorLike,
     pending: list[_Pending],
     result: PipelineResult,
+    *,
+    stores: list[Callable[[], None]],
 ) -> list[_Pending]:
     """Attach stored verdicts for bytes already analysed by this model version; return the rest."""
     remaining: list[_Pending] = []
@@ -262,7 +281,7 @@ def _reuse_stored_verdicts(
             remaining.append(item)
             continue
         _copy_perceptual_hash(session, item.check)
-        _store_done(session, item.check, verdict, result, reused=True)
+        stores.append(partial(_store_done, session, item.check, verdict, result, reused=True))
     return remaining
 
 
@@ -283,13 +302,15 @@ def _decode_all(
     settings: Settings,
     decoder: Decoder,
     result: PipelineResult,
+    *,
+    stores: list[Callable[[], None]],
 ) -> list[_Decoded]:
     decoded: list[_Decoded] = []
     for item in pending:
         try:
             image = decoder(item.data, settings)
         except DecodeError as exc:
-            _store_failure(session, item.check, f"not analysable: {exc.reason}", settings, result)
+            stores.append(_failure(session, item.check, f"not analysable: {exc.reason}", settings, result))
             continue
         item.check.phash, item.check.phash_quality = perceptual_hash(image)
         decoded.append(_Decoded(item.check, item.data, item.sha256, image))
@@ -309,29 +330,37 @@ def perceptual_hash(image: Image.Image) -> tuple[str | None, int | None]:
     return packed.tobytes().hex(), int(quality)
 
 
-def _detect_and_store(
-    session: Session,
-    detector: DetectorLike,
-    pending: list[_Decoded],
-    settings: Settings,
-    result: PipelineResult,
-) -> None:
-    # The same bytes twice in one batch are analysed once.
+def _detect_unique(
+    detector: DetectorLike, pending: list[_Decoded], batch_size: int, result: PipelineResult
+) -> dict[str, Detection | str]:
+    """Detections (or the detector's error) by sha256: the same bytes twice in one batch are analysed once."""
     unique: dict[str, _Decoded] = {}
     for item in pending:
         unique.setdefault(item.sha256, item)
-    items = list(unique.values())
-    detections = _detect_isolating_failures(detector, items, settings.batch_size)
+    detections = _detect_isolating_failures(detector, list(unique.values()), batch_size)
     result.inferences += sum(1 for detection in detections.values() if isinstance(detection, Detection))
+    return detections
 
+
+def _store_detections(
+    session: Session,
+    detector: DetectorLike,
+    pending: list[_Decoded],
+    detections: dict[str, Detection | str],
+    *,
+    settings: Settings,
+    result: PipelineResult,
+) -> None:
     stored: dict[str, Verdict] = {}
     for sha256, outcome in detections.items():
         if isinstance(outcome, Detection):
             stored[sha256] = upsert_verdict(session, verdict_record(detector, sha256, outcome))
+    analysed: set[str] = set()
     for item in pending:
         verdict = stored.get(item.sha256)
         if verdict is not None:
-            _store_done(session, item.check, verdict, result, reused=item is not unique[item.sha256])
+            _store_done(session, item.check, verdict, result, reused=item.sha256 in analysed)
+            analysed.add(item.sha256)
         else:
             reason = detections.get(item.sha256)
             _store_failure(session, item.check, f"detector failed: {reason}", settings, result)

@@ -454,3 +454,53 @@ def test_a_claim_counts_the_attempt_from_the_row_as_it_is_when_written(
         assert pipeline.claim(session, [check_id], settings).check_ids == [check_id]
     check = load(worker_a, check_id)
     assert (check.status, check.attempts) == ("processing", 2)
+
+
+def _another_writer_gets_in(sqlite_url: str) -> bool:
+    """Whether a second connection can take SQLite's write lock now (a 0.2 s wait, not the 30 s default)."""
+    import sqlite3
+
+    connection = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=0.2, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc)
+        return False
+    finally:
+        connection.close()
+    return True
+
+
+def test_a_batch_holds_no_sqlite_write_lock_while_it_fetches_and_detects(
+    sqlite_url, two_sqlite_workers, counting, settings
+):
+    """An outcome stored early (a 404) took the database's one write lock until commit: every other writer
+    (enqueue, scan, the other worker processes) then waited through the batch's slow fetches and detection,
+    and failed with "database is locked" after 30 s."""
+    factory, _ = two_sqlite_workers
+    missing = submit(factory, source_url="https://images.example/missing.png")
+    slow = submit(factory, source_url="https://images.example/slow.png")
+    inline = submit(factory, image_data=photo_bytes(offset=43))
+    seen: dict[str, bool] = {}
+
+    def fetcher(url: str, _settings: Any) -> bytes:
+        if url.endswith("missing.png"):
+            raise FetchError("server answered HTTP 404 Not Found", transient=False)
+        seen["during a later fetch"] = _another_writer_gets_in(sqlite_url)
+        return photo_bytes("coffee.png", offset=47)
+
+    class WatchingDetector(CountingDetector):
+        def detect(self, images: Sequence[Any]) -> list[Any]:
+            seen["during detection"] = _another_writer_gets_in(sqlite_url)
+            return super().detect(images)
+
+    result = process(
+        factory, WatchingDetector(counting.inner), [missing, slow, inline], settings, fetcher=fetcher
+    )
+
+    assert seen == {"during a later fetch": True, "during detection": True}
+    assert [(o.check_id, o.status) for o in result.outcomes] == [
+        (missing, "failed"), (slow, "done"), (inline, "done")
+    ]  # fmt: skip
+    assert load(factory, missing).error == "fetch failed: server answered HTTP 404 Not Found"
