@@ -573,6 +573,28 @@ def test_a_bare_celery_worker_checks_the_key_too(settings):
         worker.communicate(timeout=60)  # reads the rest and closes the pipe
 
 
+def test_a_busy_sqlite_database_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """Another process holding SQLite's write lock past the busy wait (30 s; 0.2 s here)."""
+    import sqlite3
+
+    import db.session
+
+    database = str(tmp_path / "busy.db")
+    assert run("db", "upgrade", "--db", database).exit_code == 0
+    monkeypatch.setattr(db.session, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    holder = sqlite3.connect(database, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        busy = run("clients", "set", "acme", "--flag-uncertain", "--db", database)
+    finally:
+        holder.close()
+    assert busy.exit_code == 1
+    assert busy.stderr.strip().splitlines() == [
+        "Error: database error: database is locked (another process kept the SQLite database busy; try again)"
+    ]
+    assert run("clients", "set", "acme", "--flag-uncertain", "--db", database).exit_code == 0
+
+
 def test_review_overrides_the_model_verdict(tmp_path, images):
     db_path = str(tmp_path / "review.db")
     scanned = json.loads(run("scan", str(images / "one.png"), "--db", db_path, "--format", "json").stdout)

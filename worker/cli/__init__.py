@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import logging
+import sys
+from typing import Any
 
 import click
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Group(click.Group):
+    """Turns a database error in the middle of a command into one line on stderr, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = _database_error(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+def _database_error(exc: Exception) -> str | None:
+    """One line for a database that failed or was busy mid-command (SQLite: another process held the write
+    lock past the 30 s wait); None for every other error. Only the driver's first line: no SQL, no values."""
+    if "sqlalchemy" not in sys.modules:
+        return None  # a command that never touched a database
+    from sqlalchemy.exc import OperationalError  # noqa: PLC0415 - only where SQLAlchemy is loaded already
+
+    if not isinstance(exc, OperationalError):
+        return None
+    first_line = (str(exc.orig).strip().splitlines() or ["unknown error"])[0]
+    hint = " (another process kept the SQLite database busy; try again)" if "locked" in first_line else ""
+    return f"database error: {first_line}{hint}"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """synthguard: detect AI-generated images; moderation worker, scanner and review tools.
