@@ -234,6 +234,14 @@ def run(
         to_detect = _reuse_stored_verdicts(session, detector, pending, result, stores=stores)
         decoded = _decode_all(session, to_detect, settings, decoder, result, stores=stores)
         detections = _detect_unique(detector, decoded, settings.batch_size, result)
+        # The batch's rows locked at once, in the order every locker uses, before the first write: the first
+        # store would otherwise flush every changed check, locking their rows in the ORM's order (a deadlock
+        # with a claim of the same batch on PostgreSQL). A check finished meanwhile by another worker loses
+        # this attempt's changes (sha256, perceptual hash, image bytes) instead of having them written on it.
+        unfinished = _lock_unfinished_ids(session, [check.id for check in checks])
+        for check in checks:
+            if check.id not in unfinished:
+                session.expire(check)
     for store in stores:
         store()
     _store_detections(session, detector, decoded, detections, settings=settings, result=result)
@@ -460,16 +468,26 @@ def _still_unfinished(session: Session, check_ids: Sequence[uuid.UUID]) -> set[u
     return {row[0] for row in rows}
 
 
-def _lock_unfinished_checks(session: Session, check_ids: Sequence[uuid.UUID]) -> list[Check]:
-    """The unfinished checks of ``check_ids``, oldest first, locked and read after the lock."""
-    # PostgreSQL: the rows locked in one order (two claims of overlapping batches cannot deadlock).
+def _lock_unfinished_ids(session: Session, check_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Lock the rows of ``check_ids`` and return the ids of those still unfinished.
+
+    On PostgreSQL the rows are locked in one order, (created_at, id), by every caller (claim, run's store
+    phase, fail_checks), so two transactions on overlapping batches cannot deadlock; `_still_unfinished` then
+    decides (on SQLite it is what takes the lock). Nothing in the session is flushed first when the caller
+    holds ``no_autoflush``: a flush would lock the dirty rows in the ORM's own order.
+    """
     candidates = session.scalars(
         sa.select(Check.id)
         .where(Check.id.in_(list(check_ids)), Check.status.in_(CLAIMABLE_STATUSES))
-        .order_by(Check.created_at)
+        .order_by(Check.created_at, Check.id)
         .with_for_update()
     ).all()
-    unfinished = _still_unfinished(session, candidates)
+    return _still_unfinished(session, candidates)
+
+
+def _lock_unfinished_checks(session: Session, check_ids: Sequence[uuid.UUID]) -> list[Check]:
+    """The unfinished checks of ``check_ids``, oldest first, locked and read after the lock."""
+    unfinished = _lock_unfinished_ids(session, check_ids)
     if not unfinished:
         return []
     # populate_existing: a Check already in the session is overwritten with the row as it is now.
@@ -477,7 +495,7 @@ def _lock_unfinished_checks(session: Session, check_ids: Sequence[uuid.UUID]) ->
         session.scalars(
             sa.select(Check)
             .where(Check.id.in_(list(unfinished)))
-            .order_by(Check.created_at)
+            .order_by(Check.created_at, Check.id)
             .execution_options(populate_existing=True)
         ).all()
     )

@@ -150,9 +150,13 @@ def test_same_bytes_under_another_id_reuse_the_verdict(factory, counting, settin
 def test_same_bytes_twice_in_one_batch_are_analysed_once(factory, counting, settings):
     data = photo_bytes("coffee.png", offset=100)
     ids = [submit(factory, image_data=data) for _ in range(3)]
-    process(factory, counting, ids, settings)
+    result = process(factory, counting, ids, settings)
     assert counting.images == 1
     assert len({load(factory, check_id).verdict_id for check_id in ids}) == 1
+    # The oldest check's verdict is its own analysis; the two others reuse it.
+    assert [(o.check_id, o.reused_verdict) for o in result.outcomes] == list(
+        zip(ids, [False, True, True], strict=True)
+    )
 
 
 def test_resubmission_returns_the_existing_check(factory):
@@ -346,11 +350,18 @@ def test_a_check_finished_by_another_worker_during_the_attempt_keeps_that_outcom
             raise FetchError("HTTP 503", transient=True)
         return photo_bytes("coffee.png", offset=71)
 
-    result = process(factory, counting, [check_id], settings, fetcher=slow_fetch, retry_transient=True)
+    keep_images = settings.model_copy(update={"store_raw_images": True})
+    result = process(factory, counting, [check_id], keep_images, fetcher=slow_fetch, retry_transient=True)
 
     assert result.outcomes == [] and result.delivery_ids == [] and result.retry_ids == []
     check = load(factory, check_id)
     assert (check.status, check.error, check.verdict_id) == ("failed", stored_error, None)
+    # Nothing of this attempt is written on the finished row: not the bytes it fetched, nor their hashes.
+    with session_scope(factory) as session:
+        written = session.execute(
+            sa.select(Check.sha256, Check.phash, Check.image_data).where(Check.id == check_id)
+        ).one()
+    assert tuple(written) == (None, None, None)
     assert stored_error.startswith("dead-lettered")
     assert _events(factory, check_id) == [EVENT_FAILED]  # the dead-letter's webhook only
 
@@ -504,3 +515,56 @@ def test_a_batch_holds_no_sqlite_write_lock_while_it_fetches_and_detects(
         (missing, "failed"), (slow, "done"), (inline, "done")
     ]  # fmt: skip
     assert load(factory, missing).error == "fetch failed: server answered HTTP 404 Not Found"
+
+
+@pytest.mark.usefixtures("pg_clean")
+def test_the_store_phase_locks_the_batch_in_the_claims_order(
+    pg_session_factory, pg_engine, counting, settings
+):
+    """PostgreSQL: another transaction (a duplicate message's claim) holds the batch's older row and then asks
+    for the newer one. The store phase used to flush the changed checks first, locking the newer row in the
+    ORM's order, then wait for the older: a deadlock, and one of the two transactions aborted."""
+    import threading
+    import time as clock
+
+    older = submit(pg_session_factory, source_url="https://images.example/missing.png")
+    newer = submit(pg_session_factory, image_data=photo_bytes(offset=53))
+    older_locked = threading.Event()
+    errors: list[BaseException] = []
+
+    def claim_like_transaction() -> None:
+        try:
+            with pg_engine.connect() as connection, connection.begin():
+                for check_id in (older, newer):  # the claims' order: created_at
+                    connection.execute(sa.select(Check.id).where(Check.id == check_id).with_for_update())
+                    older_locked.set()
+                    clock.sleep(0.5)  # the store phase reaches its first write meanwhile
+        except BaseException as exc:
+            errors.append(exc)
+            older_locked.set()
+
+    def fetcher(url: str, _settings: Any) -> bytes:
+        raise FetchError("server answered HTTP 404 Not Found", transient=False)
+
+    other = threading.Thread(target=claim_like_transaction)
+
+    class StartsTheOtherTransaction(CountingDetector):
+        def detect(self, images: Sequence[Any]) -> list[Any]:
+            other.start()
+            assert older_locked.wait(10)
+            return super().detect(images)
+
+    process(
+        pg_session_factory,
+        StartsTheOtherTransaction(counting.inner),
+        [older, newer],
+        settings,
+        fetcher=fetcher,
+    )
+    other.join(10)
+
+    assert errors == []
+    assert (load(pg_session_factory, older).status, load(pg_session_factory, newer).status) == (
+        "failed",
+        "done",
+    )
