@@ -449,6 +449,9 @@ def train_net(
     average_from = (
         int(config.steps * config.average_weights_from) if config.average_weights_from < 1.0 else None
     )
+    if average_from is not None and config.bn_refresh_batches < 1:
+        # Averaged weights with the batch-norm statistics reset and never measured would score nonsense.
+        raise ValueError("average_weights_from needs bn_refresh_batches >= 1")
     averaged: torch.optim.swa_utils.AveragedModel | None = None
     started = time.monotonic()
     net.train()

@@ -10,7 +10,7 @@ import json
 import re
 import string
 from functools import cached_property
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -45,14 +45,33 @@ PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]
 WholeSeconds = Annotated[int, Field(ge=1, le=MAX_DURATION_S)]
 
 
+_SettingsT = TypeVar("_SettingsT", bound=BaseSettings)
+
+
 class SettingsError(Exception):
     """Settings are missing or invalid; the message is one line meant for the operator."""
 
 
-class Settings(BaseSettings):
+#: hide_input_in_errors: a validation error never repeats a value (URLs carry passwords, keys are secrets).
+_CONFIG: Final = SettingsConfigDict(
+    env_prefix=ENV_PREFIX, extra="ignore", frozen=True, allow_inf_nan=False, hide_input_in_errors=True
+)
+
+
+class ImageLimits(BaseSettings):
+    """The caps on one image, the only settings `synthguard detect` reads (so that a bad value of a setting
+    it does not use cannot stop it)."""
+
+    model_config = _CONFIG
+
+    max_pixels: int = Field(default=40_000_000, gt=0)
+    max_inline_bytes: int = Field(default=20 * MIB, gt=0)
+
+
+class Settings(ImageLimits):
     """Every tunable of synthguard. Environment variable = ``SYNTHGUARD_`` + field name in upper case."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, allow_inf_nan=False)
+    model_config = _CONFIG
 
     database_url: str = "sqlite:///./synthguard.db"
     broker_url: str = "redis://localhost:6379/0"
@@ -72,8 +91,6 @@ class Settings(BaseSettings):
     fetch_max_bytes: int = Field(default=20 * MIB, gt=0)
     fetch_timeout_s: PositiveSeconds = 20.0
     fetch_max_redirects: int = Field(default=3, ge=0)
-    max_pixels: int = Field(default=40_000_000, gt=0)
-    max_inline_bytes: int = Field(default=20 * MIB, gt=0)
     decode_timeout_s: PositiveSeconds = 20.0
     batch_size: int = Field(default=8, ge=1)
     # A check whose processing was started this many times without finishing is failed (dead-lettered).
@@ -301,8 +318,17 @@ def load_settings(**overrides: Any) -> Settings:
 
     The message names the variable and the problem but never echoes the value (URLs carry passwords).
     """
+    return _load(Settings, **overrides)
+
+
+def load_image_limits() -> ImageLimits:
+    """The image caps from the environment alone; invalid values raise one-line SettingsError."""
+    return _load(ImageLimits)
+
+
+def _load(kind: type[_SettingsT], **overrides: Any) -> _SettingsT:
     try:
-        return Settings(**overrides)
+        return kind(**overrides)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -314,4 +340,4 @@ def load_settings(**overrides: Any) -> Settings:
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 
-__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "load_settings"]
+__all__ = ["ENV_PREFIX", "ImageLimits", "Settings", "SettingsError", "load_image_limits", "load_settings"]

@@ -258,23 +258,26 @@ class Reencryption:
     """What ``reencrypt_secrets`` did: counts of stored secrets, and the ones no key decrypts.
 
     ``undecryptable`` names each such secret ("endpoint <id>" or "client <name>", plus "(previous)" for
-    the secret still signing beside a rotated one); their rows are left as they were.
+    the secret still signing beside a rotated one); their rows are left as they were. ``changed_meanwhile``
+    counts secrets another command replaced while this one ran (a rotation): left to it, not overwritten.
     """
 
     reencrypted: int
     already_current: int
     undecryptable: tuple[str, ...]
+    changed_meanwhile: int = 0
 
 
 def reencrypt_secrets(session: Session, cipher: SecretCipher) -> Reencryption:
     """Encrypt every stored webhook secret under the cipher's current key.
 
     For a change of SYNTHGUARD_SECRET_KEY with the old key among the fallbacks. A previous secret whose
-    overlap has ended is left alone: it never signs again. The rows are locked while they are rewritten, so
-    a rotation at the same time waits.
+    overlap has ended is left alone: it never signs again. Each secret is replaced only where it is still the
+    one read (compare and swap): on SQLite the read takes no lock, and a rotation committed in between would
+    otherwise be overwritten with the old secret, which the receiver no longer has.
     """
     now = utcnow()
-    reencrypted = already_current = 0
+    reencrypted = already_current = changed_meanwhile = 0
     undecryptable: list[str] = []
     rows: list[tuple[str, WebhookEndpoint | WebhookClientSecret]] = [
         (f"endpoint {row.id}", row)
@@ -301,13 +304,28 @@ def reencrypt_secrets(session: Session, cipher: SecretCipher) -> Reencryption:
                 already_current += 1
                 continue
             try:
-                setattr(row, attribute, cipher.reencrypt(token))
+                new_token = cipher.reencrypt(token)
             except SecretError:
                 undecryptable.append(name)
                 continue
-            reencrypted += 1
-    session.flush()
-    return Reencryption(reencrypted, already_current, tuple(undecryptable))
+            model = type(row)
+            column = getattr(model, attribute)
+            key = (
+                WebhookEndpoint.id == row.id
+                if isinstance(row, WebhookEndpoint)
+                else WebhookClientSecret.client == row.client
+            )
+            swapped = session.execute(
+                sa.update(model)
+                .where(key, column == token)
+                .values({attribute: new_token})
+                .execution_options(synchronize_session=False)
+            )
+            if swapped.rowcount == 1:  # type: ignore[attr-defined]
+                reencrypted += 1
+            else:
+                changed_meanwhile += 1
+    return Reencryption(reencrypted, already_current, tuple(undecryptable), changed_meanwhile)
 
 
 def create_ping_delivery(

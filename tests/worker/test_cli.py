@@ -521,6 +521,7 @@ def test_a_key_change_with_the_old_key_as_fallback_then_rekey(settings):
 
 
 @pytest.mark.usefixtures("pg_clean")
+@pytest.mark.timeout(180)  # reading the worker's output has no deadline of its own
 def test_a_bare_celery_worker_checks_the_key_too(settings):
     """`celery -A worker.celery worker` (by hand, or another supervisor) stops on a key that does not
     decrypt the stored secrets, and reminds about one under a fallback key, as `synthguard worker` does."""
@@ -570,7 +571,11 @@ def test_a_bare_celery_worker_checks_the_key_too(settings):
         ), lines
     finally:
         worker.send_signal(signal.SIGTERM)
-        worker.communicate(timeout=60)  # reads the rest and closes the pipe
+        try:
+            worker.communicate(timeout=60)  # reads the rest and closes the pipe
+        except subprocess.TimeoutExpired:
+            worker.kill()  # never leave a worker behind
+            worker.communicate()
 
 
 def test_a_busy_sqlite_database_is_one_line_not_a_traceback(tmp_path, monkeypatch):

@@ -123,6 +123,12 @@ def test_detect_applies_the_workers_caps_from_the_environment(cli, tmp_path):
     assert result.exit_code == 1
     assert "Error: invalid settings: SYNTHGUARD_MAX_PIXELS: " in result.output
 
+    # A bad value of a setting `detect` does not use does not stop it.
+    result = CliRunner().invoke(
+        cli, ["detect", str(small), "--no-evidence"], env={"SYNTHGUARD_SECRET_KEY": "short"}
+    )
+    assert result.exit_code == 0, result.output
+
 
 def test_detect_reads_no_more_than_the_cap_when_stat_understates_the_size(tmp_path):
     # /proc files report size 0; the read itself is bounded as well.

@@ -134,6 +134,17 @@ def test_fallback_keys_are_split_on_commas_and_checked_like_the_key(monkeypatch)
     assert old not in message  # by position, never by value
 
 
+def test_settings_built_directly_never_repeat_a_value_in_their_errors():
+    """load_settings formats its own message; Settings(...) raised by a script must not leak a key either."""
+    from pydantic import ValidationError
+
+    key = secrets.token_hex(10)  # short enough that pydantic would not abbreviate it in the message
+    with pytest.raises(ValidationError) as caught:
+        Settings(secret_key=secrets.token_hex(32), secret_key_fallbacks=f"{key},short")
+    assert "entry 2 is shorter than 16 characters" in str(caught.value)
+    assert key not in str(caught.value)
+
+
 def test_fallback_keys_without_a_key_are_refused(monkeypatch):
     monkeypatch.delenv("SYNTHGUARD_SECRET_KEY", raising=False)
     monkeypatch.setenv("SYNTHGUARD_SECRET_KEY_FALLBACKS", secrets.token_hex(32))

@@ -265,3 +265,43 @@ def test_a_rotation_under_a_fallback_key_stores_the_previous_secret_under_the_ne
     headers, body = script.requests[0]
     Webhook(original).verify(body, headers)
     Webhook(rotation.secret).verify(body, headers)
+
+
+def test_rekey_on_sqlite_leaves_a_rotation_committed_after_its_read(
+    sqlite_url, old_key, new_key_with_fallback
+):
+    """SQLite reads take no lock: a rotation committed between rekey's read and its write used to be
+    overwritten with the old secret, which the receiver had already replaced."""
+    import sqlalchemy as sa
+
+    from db.session import make_engine, make_session_factory
+
+    engines = [make_engine(sqlite_url), make_engine(sqlite_url)]
+    operator, rekeyer = (make_session_factory(engine) for engine in engines)
+    try:
+        endpoint_id, _ = _endpoint(operator, old_key, "https://hooks.example.com/x")
+        rotated: list[str] = []
+
+        def rotate_once(conn, cursor, statement, *args):
+            if (
+                not rotated
+                and statement.lstrip().upper().startswith("SELECT")
+                and "webhook_endpoints" in statement
+            ):
+                with session_scope(operator) as session:
+                    rotation = rotate_endpoint_secret(
+                        session, _cipher(new_key_with_fallback), endpoint_id, overlap_s=0
+                    )[1]
+                rotated.append(rotation.secret)
+
+        sa.event.listen(engines[1], "after_cursor_execute", rotate_once)
+        with session_scope(rekeyer) as session:
+            result = reencrypt_secrets(session, _cipher(new_key_with_fallback))
+
+        assert (result.reencrypted, result.changed_meanwhile) == (0, 1)
+        with session_scope(operator) as session:
+            stored = session.get_one(WebhookEndpoint, endpoint_id).secret_encrypted
+        assert _cipher(new_key_with_fallback).decrypt(stored) == rotated[0]
+    finally:
+        for engine in engines:
+            engine.dispose()

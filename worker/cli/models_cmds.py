@@ -17,15 +17,16 @@ from PIL import Image, UnidentifiedImageError
 # Only torch-free names at import: every `synthguard` command imports this module (tests/test_layering.py).
 from models import DetectorError, ImageInput, create_detector, list_detectors
 from worker.requests import DEFAULT_MAX_INLINE_BYTES
-from worker.settings import Settings
+from worker.settings import ImageLimits, SettingsError, load_image_limits
 
 if TYPE_CHECKING:
     from models.detector import Detector
 
-#: Largest file `detect` reads, checked before reading: the worker's default SYNTHGUARD_MAX_INLINE_BYTES
-#: (20 MiB), so the command refuses what an inline check would. `detect` reads no settings otherwise.
+#: The worker's default caps (SYNTHGUARD_MAX_INLINE_BYTES, SYNTHGUARD_MAX_PIXELS): `detect` refuses what a
+#: check would. They are the defaults of `_read_image`; `detect` reads the environment's values, and no
+#: other setting.
 MAX_FILE_BYTES: Final[int] = DEFAULT_MAX_INLINE_BYTES
-MAX_PIXELS: Final[int] = Settings.model_fields["max_pixels"].get_default()
+MAX_PIXELS: Final[int] = ImageLimits.model_fields["max_pixels"].get_default()
 
 
 class _HelpOnDemandOption(click.Option):
@@ -139,14 +140,15 @@ def detect_command(
     SYNTHGUARD_MAX_PIXELS, 40 million pixels), prints an object with "error" and the exit status is 1 at the
     end.
     """
-    from worker.cli.pipeline_cmds import cli_settings  # noqa: PLC0415 - SQLAlchemy: not for the other commands
-
-    settings = cli_settings()
+    try:
+        limits = load_image_limits()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     detector = _build_detector(model, weights, device)
     failures = 0
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        loaded = [_read_image(p, settings.max_inline_bytes, settings.max_pixels) for p in chunk]
+        loaded = [_read_image(p, limits.max_inline_bytes, limits.max_pixels) for p in chunk]
         inputs = [item for item, _ in loaded if item is not None]
         detections = iter(detector.detect(inputs))
         for path, (item, error) in zip(chunk, loaded, strict=True):

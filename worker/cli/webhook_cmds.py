@@ -376,6 +376,11 @@ def rekey_cmd() -> None:
     click.echo(
         f"{result.reencrypted} secret(s) re-encrypted under SYNTHGUARD_SECRET_KEY, "
         f"{result.already_current} already were"
+        + (
+            f", {result.changed_meanwhile} replaced by another command meanwhile (run rekey again)"
+            if result.changed_meanwhile
+            else ""
+        )
     )
     if result.undecryptable:
         names = ", ".join(escape_controls(name) for name in result.undecryptable)
