@@ -493,33 +493,11 @@ def train_net(
     if averaged is not None:
         net.load_state_dict(averaged.module.state_dict())
         log(f"averaged the weights of {int(averaged.n_averaged)} steps")
-        _refresh_batch_norm(net, draw_batch, config.bn_refresh_batches, device)
+        # Averaged weights are a network no step trained: the batch-norm running statistics kept during
+        # training belong to the individual networks, so they are measured again, as a plain mean.
+        fresh_batches = (draw_batch()[0] for _ in range(config.bn_refresh_batches))
+        torch.optim.swa_utils.update_bn(fresh_batches, net, device=device)
     return net.eval()
-
-
-def _refresh_batch_norm(
-    net: ResidualNet,
-    draw_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-    batches: int,
-    device: torch.device,
-) -> None:
-    """Measure the batch-norm running statistics again, as a plain mean over `batches` training batches.
-
-    Averaged weights are a network no step trained: the running means and variances kept during training
-    belong to the individual networks, not to their average.
-    """
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative mean over the batches below
-    net.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            x, _ = draw_batch()
-            net(x.to(device, non_blocking=True))
-    for norm, momentum in zip(norms, momenta, strict=True):
-        norm.momentum = momentum
 
 
 def _rgb_float(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:

@@ -202,7 +202,7 @@ def run(
     # after them, in the order they came. On SQLite the first write takes the database's one write lock
     # until commit: held through a batch of slow URL fetches, it made every other writer (enqueue, scan,
     # review, the other worker processes) wait and fail with "database is locked" after 30 s.
-    stores: list[Callable[[], None]] = []
+    stores: list[_Store] = []
     with session.no_autoflush:
         pending: list[_Pending] = []
         for check in checks:
@@ -210,7 +210,7 @@ def run(
                 data = _image_bytes(check, settings, fetcher)
             except FetchError as exc:
                 if exc.transient and retry_transient:
-                    stores.append(partial(_store_retry, session, check, exc.reason, result))
+                    stores.append((check, partial(_store_retry, check, exc.reason, result)))
                 else:
                     stores.append(_failure(session, check, f"fetch failed: {exc.reason}", settings, result))
                 continue
@@ -238,13 +238,21 @@ def run(
         # store would otherwise flush every changed check, locking their rows in the ORM's order (a deadlock
         # with a claim of the same batch on PostgreSQL). A check finished meanwhile by another worker loses
         # this attempt's changes (sha256, perceptual hash, image bytes) instead of having them written on it.
+        # The lock is held until commit, so these are the checks whose outcomes are stored below.
         unfinished = _lock_unfinished_ids(session, [check.id for check in checks])
         for check in checks:
             if check.id not in unfinished:
                 session.expire(check)
-    for store in stores:
-        store()
-    _store_detections(session, detector, decoded, detections, settings=settings, result=result)
+                log.warning(
+                    "check %s became %s while this attempt ran; its outcome is not stored",
+                    check.id,
+                    check.status,
+                )
+    for check, store in stores:
+        if check.id in unfinished:
+            store()
+    detected = [item for item in decoded if item.check.id in unfinished]
+    _store_detections(session, detector, detected, detections, settings=settings, result=result)
     return result
 
 
@@ -267,10 +275,14 @@ def _image_bytes(check: Check, settings: Settings, fetcher: Fetcher) -> bytes:
     raise _InvalidInputError("no image: the check has neither an image URL nor inline image bytes")
 
 
+#: An outcome to store once the slow work is over, and the check it belongs to.
+_Store = tuple[Check, Callable[[], None]]
+
+
 def _failure(
     session: Session, check: Check, reason: str, settings: Settings, result: PipelineResult
-) -> Callable[[], None]:
-    return partial(_store_failure, session, check, reason, settings, result)
+) -> _Store:
+    return check, partial(_record_failure, session, check, reason, settings, result)
 
 
 def _reuse_stored_verdicts(
@@ -279,7 +291,7 @@ def _reuse_stored_verdicts(
     pending: list[_Pending],
     result: PipelineResult,
     *,
-    stores: list[Callable[[], None]],
+    stores: list[_Store],
 ) -> list[_Pending]:
     """Attach stored verdicts for bytes already analysed by this model version; return the rest."""
     remaining: list[_Pending] = []
@@ -289,7 +301,7 @@ def _reuse_stored_verdicts(
             remaining.append(item)
             continue
         _copy_perceptual_hash(session, item.check)
-        stores.append(partial(_store_done, session, item.check, verdict, result, reused=True))
+        stores.append((item.check, partial(_store_done, session, item.check, verdict, result, reused=True)))
     return remaining
 
 
@@ -311,7 +323,7 @@ def _decode_all(
     decoder: Decoder,
     result: PipelineResult,
     *,
-    stores: list[Callable[[], None]],
+    stores: list[_Store],
 ) -> list[_Decoded]:
     decoded: list[_Decoded] = []
     for item in pending:
@@ -371,7 +383,7 @@ def _store_detections(
             analysed.add(item.sha256)
         else:
             reason = detections.get(item.sha256)
-            _store_failure(session, item.check, f"detector failed: {reason}", settings, result)
+            _record_failure(session, item.check, f"detector failed: {reason}", settings, result)
 
 
 def _detect_isolating_failures(
@@ -446,35 +458,17 @@ def json_safe(value: Any) -> Any:
 # --- storing outcomes ------------------------------------------------------------------------------------
 
 
-def _still_unfinished(session: Session, check_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-    """Of ``check_ids``, the checks unfinished at the moment this transaction writes them; their rows stay
-    locked until it ends, so every later read of them in it is current.
+def _lock_unfinished_ids(session: Session, check_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Lock the rows of ``check_ids`` until the transaction ends; return the ids of those still unfinished.
 
-    Decided by a write (the status set to itself where it is unfinished), not by a read: on SQLite, where
+    Every caller (claim, run's store phase, fail_checks) locks through here. PostgreSQL: the rows are locked
+    in one order, (created_at, id), so two transactions on overlapping batches cannot deadlock. Then the
+    decision is a write (the status set to itself where it is unfinished), not a read: on SQLite, where
     SQLAlchemy leaves ``FOR UPDATE`` out and a read takes no lock, the read may predate another worker's
     commit, and a write based on it overwrote the check that worker had finished (a done, flagged check
-    turned failed, its image bytes already dropped). The write waits for such a commit (SQLite has one
-    writer at a time) and sees its result. On PostgreSQL it takes the row lock, as ``FOR UPDATE`` does.
-    """
-    if not check_ids:
-        return set()
-    rows = session.execute(
-        sa.update(Check)
-        .where(Check.id.in_(list(check_ids)), Check.status.in_(CLAIMABLE_STATUSES))
-        .values(status=Check.status)
-        .returning(Check.id)
-        .execution_options(synchronize_session=False)
-    )
-    return {row[0] for row in rows}
-
-
-def _lock_unfinished_ids(session: Session, check_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-    """Lock the rows of ``check_ids`` and return the ids of those still unfinished.
-
-    On PostgreSQL the rows are locked in one order, (created_at, id), by every caller (claim, run's store
-    phase, fail_checks), so two transactions on overlapping batches cannot deadlock; `_still_unfinished` then
-    decides (on SQLite it is what takes the lock). Nothing in the session is flushed first when the caller
-    holds ``no_autoflush``: a flush would lock the dirty rows in the ORM's own order.
+    turned failed, its image bytes already dropped). The write waits for such a commit (one writer at a
+    time) and sees its result. Nothing in the session is flushed first when the caller holds
+    ``no_autoflush``: a flush would lock the dirty rows in the ORM's own order.
     """
     candidates = session.scalars(
         sa.select(Check.id)
@@ -482,7 +476,16 @@ def _lock_unfinished_ids(session: Session, check_ids: Sequence[uuid.UUID]) -> se
         .order_by(Check.created_at, Check.id)
         .with_for_update()
     ).all()
-    return _still_unfinished(session, candidates)
+    if not candidates:
+        return set()
+    rows = session.execute(
+        sa.update(Check)
+        .where(Check.id.in_(candidates), Check.status.in_(CLAIMABLE_STATUSES))
+        .values(status=Check.status)
+        .returning(Check.id)
+        .execution_options(synchronize_session=False)
+    )
+    return {row[0] for row in rows}
 
 
 def _lock_unfinished_checks(session: Session, check_ids: Sequence[uuid.UUID]) -> list[Check]:
@@ -501,26 +504,8 @@ def _lock_unfinished_checks(session: Session, check_ids: Sequence[uuid.UUID]) ->
     )
 
 
-def _lock_unfinished(session: Session, check: Check) -> bool:
-    """Lock the check's row and tell whether it is still unfinished, so an outcome may be stored on it.
-
-    ``run`` read the row before its slow work; meanwhile another worker may have stored an outcome (the
-    reconciler or a claim dead-lettering an attempt it took for dead, a duplicate message's attempt). The
-    lock (`_still_unfinished`) makes that worker's transaction and this one store one after the other. A
-    finished check keeps its status, error and webhooks; this attempt's outcome is dropped.
-    """
-    if check.id in _still_unfinished(session, [check.id]):
-        return True
-    session.expire(check)
-    log.warning(
-        "check %s became %s while this attempt ran; its outcome is not stored", check.id, check.status
-    )
-    return False
-
-
-def _store_retry(session: Session, check: Check, reason: str, result: PipelineResult) -> None:
-    if not _lock_unfinished(session, check):
-        return
+def _store_retry(check: Check, reason: str, result: PipelineResult) -> None:
+    """Put ``check`` back to ``queued`` for the task's retry (its row locked and unfinished, as below)."""
     check.status = "queued"
     check.error = readable(f"{RETRY_WAIT_PREFIX}: {reason}")
     result.retry_ids.append(check.id)
@@ -535,8 +520,7 @@ def _store_done(
     *,
     reused: bool,
 ) -> None:
-    if not _lock_unfinished(session, check):
-        return
+    """Store ``check``'s verdict, whose row the caller holds locked and found unfinished."""
     now = utcnow()
     check.verdict = verdict
     check.status = "done"
@@ -550,17 +534,10 @@ def _store_done(
     )
 
 
-def _store_failure(
-    session: Session, check: Check, reason: str, settings: Settings, result: PipelineResult
-) -> None:
-    if _lock_unfinished(session, check):
-        _record_failure(session, check, reason, settings, result)
-
-
 def _record_failure(
     session: Session, check: Check, reason: str, settings: Settings, result: PipelineResult
 ) -> None:
-    """Fail ``check``, whose row the caller holds locked and found unfinished (claim, fail_checks)."""
+    """Fail ``check``, whose row the caller holds locked and found unfinished (claim, run, fail_checks)."""
     _fail(check, reason, settings)
     session.flush()
     result.delivery_ids += outbox.record_check_failed(session, check)
